@@ -1,0 +1,141 @@
+//! tokio driver for iSCSI byte streams: reads framed PDUs and writes them back, batched.
+//!
+//! This crate moves bytes and nothing else: it frames with `iscsi-wire`, never interprets a
+//! PDU and keeps no protocol state beyond the negotiated limits pushed into it. Payload is
+//! never copied on the way out: headers are encoded into a scratch buffer and the data
+//! segments are handed to `write_vectored` as they are.
+#![forbid(unsafe_code)]
+
+use std::io::{self, IoSlice};
+
+use bytes::{Bytes, BytesMut};
+use iscsi_wire::frame::{encode_head, encode_tail};
+use iscsi_wire::{Bhs, FrameDecoder, FrameError, FrameLimits, PduError, RawPdu};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What reading produced: a PDU, a PDU to answer with a Reject, or the end of the stream.
+pub type ReadItem = Option<Result<RawPdu, PduError>>;
+
+/// Reads PDUs from a byte stream.
+pub struct PduReader<R> {
+    inner: R,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl<R: AsyncRead + Unpin> PduReader<R> {
+    pub fn new(inner: R) -> Self {
+        PduReader { inner, buf: BytesMut::with_capacity(64 * 1024), decoder: FrameDecoder::default() }
+    }
+
+    pub fn set_limits(&mut self, limits: FrameLimits) {
+        self.decoder.set_limits(limits);
+    }
+
+    /// A PDU already in the buffer, without waiting for the socket.
+    pub fn try_next(&mut self) -> Result<ReadItem, io::Error> {
+        self.decoder.decode(&mut self.buf).map_err(framing_lost)
+    }
+
+    /// Waits for the next PDU. `Ok(None)` is a clean end of stream between PDUs.
+    pub async fn next(&mut self) -> Result<ReadItem, io::Error> {
+        loop {
+            if let Some(item) = self.try_next()? {
+                return Ok(Some(item));
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a PDU"))
+                };
+            }
+        }
+    }
+}
+
+fn framing_lost(e: FrameError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Collects PDUs and writes them in one vectored write per flush.
+pub struct PduWriter<W> {
+    inner: W,
+    limits: FrameLimits,
+    scratch: BytesMut,
+    segments: Vec<Bytes>,
+    queued: usize,
+}
+
+impl<W: AsyncWrite + Unpin> PduWriter<W> {
+    pub fn new(inner: W) -> Self {
+        PduWriter { inner, limits: FrameLimits::default(), scratch: BytesMut::new(), segments: Vec::new(), queued: 0 }
+    }
+
+    /// Digests for PDUs queued from now on.
+    pub fn set_limits(&mut self, limits: FrameLimits) {
+        self.limits = limits;
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub fn queue(&mut self, bhs: &Bhs, data: Bytes) {
+        let mut head = Vec::with_capacity(56);
+        encode_head(bhs, &[], data.len(), self.limits, &mut head);
+        self.scratch.extend_from_slice(&head);
+        if data.len() <= 1024 {
+            // Small segments are cheaper to copy than to give their own iovec.
+            self.scratch.extend_from_slice(&data);
+            let mut tail = Vec::new();
+            encode_tail(&data, self.limits, &mut tail);
+            self.scratch.extend_from_slice(&tail);
+        } else {
+            let mut tail = Vec::with_capacity(8);
+            encode_tail(&data, self.limits, &mut tail);
+            self.segments.push(self.scratch.split().freeze());
+            self.queued += data.len();
+            self.segments.push(data);
+            self.scratch.extend_from_slice(&tail);
+        }
+        self.queued += head.len();
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.scratch.is_empty() {
+            self.segments.push(self.scratch.split().freeze());
+        }
+        let mut first = 0;
+        while first < self.segments.len() {
+            let slices: Vec<IoSlice<'_>> = self.segments[first..].iter().take(64).map(|b| IoSlice::new(b)).collect();
+            let mut n = self.inner.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let seg = &mut self.segments[first];
+                if n >= seg.len() {
+                    n -= seg.len();
+                    first += 1;
+                } else {
+                    let _ = seg.split_to(n);
+                    n = 0;
+                }
+            }
+        }
+        self.segments.clear();
+        self.queued = 0;
+        self.inner.flush().await
+    }
+
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.inner.shutdown().await
+    }
+}

@@ -1,0 +1,164 @@
+//! `viscsi`: one binary, many subcommands. This file only parses arguments and hands a
+//! validated configuration to the library crates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use target::config::Limits;
+use target::{ChapConfig, LunConfig, Target, TargetConfig, TargetDef};
+
+/// viscsi: an iSCSI layer for virtual machines.
+#[derive(Parser)]
+#[command(name = "viscsi", version, about)]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `target=trace` (or set RUST_LOG).
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve iSCSI targets (with no arguments: a 1 GiB memory LUN on 127.0.0.1:3260).
+    Target(TargetArgs),
+}
+
+/// The target's flags. They add to (and for portals and limits, override) a --config file.
+#[derive(Args)]
+struct TargetArgs {
+    /// TOML configuration file (see README).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Listening address, repeatable (IPv6 as [::1]:3260).
+    #[arg(long = "portal")]
+    portals: Vec<SocketAddr>,
+    /// Target name for the LUNs given with --lun.
+    #[arg(long)]
+    iqn: Option<String>,
+    /// A LUN as ID=mem:SIZE or ID=file:PATH, repeatable.
+    #[arg(long = "lun", value_parser = LunConfig::from_flag)]
+    luns: Vec<LunConfig>,
+    /// Require CHAP from initiators: USER:SECRET, repeatable. Also VISCSI_CHAP.
+    #[arg(long = "chap", value_parser = ChapConfig::from_flag, env = "VISCSI_CHAP", hide_env_values = true)]
+    chap: Vec<ChapConfig>,
+    /// CHAP user whose secret is read from a file: USER:PATH.
+    #[arg(long = "chap-file", value_parser = chap_from_file_flag)]
+    chap_file: Vec<ChapConfig>,
+    /// The target's credentials for mutual CHAP: USER:SECRET. Also VISCSI_MUTUAL_CHAP.
+    #[arg(long = "mutual-chap", value_parser = ChapConfig::from_flag, env = "VISCSI_MUTUAL_CHAP", hide_env_values = true)]
+    mutual_chap: Option<ChapConfig>,
+    /// Require CHAP for discovery sessions: USER:SECRET.
+    #[arg(long = "discovery-chap", value_parser = ChapConfig::from_flag, hide_env_values = true)]
+    discovery_chap: Vec<ChapConfig>,
+    /// Only these initiator names may log in, repeatable (default: all).
+    #[arg(long = "allow-initiator")]
+    allow_initiators: Vec<String>,
+    /// Do not offer CRC32C header and data digests.
+    #[arg(long)]
+    no_digests: bool,
+    /// Seconds of idle time before a NOP-In ping (0 disables).
+    #[arg(long)]
+    nop_interval: Option<u64>,
+}
+
+const DEFAULT_IQN: &str = "iqn.2024-01.org.viscsi:default";
+const DEFAULT_PORTAL: &str = "127.0.0.1:3260";
+
+fn chap_from_file_flag(s: &str) -> Result<ChapConfig, String> {
+    let (user, path) = s.split_once(':').ok_or("expected USER:PATH")?;
+    Ok(ChapConfig { user: user.into(), secret: None, secret_file: Some(path.into()), secret_env: None })
+}
+
+impl TryFrom<TargetArgs> for TargetConfig {
+    type Error = String;
+    fn try_from(a: TargetArgs) -> Result<Self, String> {
+        let mut cfg = match &a.config {
+            Some(p) => TargetConfig::from_file(p)?,
+            None => TargetConfig { portals: Vec::new(), targets: Vec::new(), discovery_chap: Vec::new(), limits: Limits::default() },
+        };
+        if !a.portals.is_empty() {
+            cfg.portals = a.portals;
+        }
+        let mut chap = a.chap;
+        chap.extend(a.chap_file);
+        let flag_target = a.iqn.is_some() || !a.luns.is_empty();
+        if flag_target || cfg.targets.is_empty() {
+            let luns = if a.luns.is_empty() { vec![LunConfig::from_flag("0=mem:1GiB")?] } else { a.luns };
+            cfg.targets.push(TargetDef {
+                iqn: a.iqn.unwrap_or_else(|| DEFAULT_IQN.into()),
+                alias: None,
+                luns,
+                chap,
+                mutual_chap: a.mutual_chap,
+                allowed_initiators: a.allow_initiators,
+            });
+        } else if !chap.is_empty() || a.mutual_chap.is_some() || !a.allow_initiators.is_empty() {
+            return Err("--chap, --mutual-chap and --allow-initiator apply to the --iqn target; give --iqn".into());
+        }
+        if cfg.portals.is_empty() {
+            cfg.portals.push(DEFAULT_PORTAL.parse().map_err(|_| "bad default portal")?);
+        }
+        cfg.discovery_chap.extend(a.discovery_chap);
+        if a.no_digests {
+            cfg.limits.digests = false;
+        }
+        if let Some(n) = a.nop_interval {
+            cfg.limits.nop_in_interval_secs = n;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("viscsi: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Target(args) => runtime.block_on(run_target(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("viscsi: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_target(args: TargetArgs) -> Result<(), String> {
+    let config = TargetConfig::try_from(args)?;
+    let names: Vec<String> = config.targets.iter().map(|t| t.iqn.clone()).collect();
+    let running = Target::build(config).map_err(|e| e.to_string())?.serve().await.map_err(|e| e.to_string())?;
+    for addr in running.local_addrs() {
+        tracing::info!(portal = %addr, targets = ?names, "viscsi target listening");
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
