@@ -100,7 +100,11 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         // A reinstated session's nexus lives on in its successor: no nexus loss to report.
         if current {
             if let Some(luns) = &s.luns {
-                luns.nexus_lost(&s.nexus);
+                for lun in luns.luns() {
+                    if let Some(lu) = luns.get(lun) {
+                        lu.nexus_lost(&s.nexus);
+                    }
+                }
             }
         }
         tracing::info!(%peer, initiator = %s.nexus.initiator_port, tsih = s.placement.tsih, reason = %end_reason, "session ended");
@@ -161,7 +165,21 @@ fn drive(
                 writer.set_limits(tx);
             }
             Event::Execute(cmd) => execute(conn, session.as_ref(), cmd),
-            Event::TaskManagement(tmf) => task_management(conn, session.as_ref(), tmf),
+            Event::TaskManagement(tmf) => {
+                let cold = tmf.function == TmfFunction::TARGET_COLD_RESET;
+                task_management(conn, session.as_ref(), tmf);
+                if cold {
+                    // RFC 7143 §11.5.1: a cold reset ends every session of the target.
+                    if let Ok(table) = shared.sessions.lock() {
+                        table.end_all();
+                    }
+                    *end_reason = "target cold reset".into();
+                    while let Some(out) = conn.poll_transmit() {
+                        writer.queue(&out.bhs, out.data);
+                    }
+                    return false;
+                }
+            }
             Event::Close { reason } => {
                 *end_reason = reason;
                 while let Some(out) = conn.poll_transmit() {
@@ -176,7 +194,8 @@ fn drive(
 fn execute(conn: &mut TargetConnection, session: Option<&Session>, cmd: Command) {
     let Some((luns, nexus)) = session.and_then(|s| Some((s.luns.as_ref()?, &s.nexus))) else {
         // SCSI commands in a discovery session: refuse them as the RFC's Reject would.
-        conn.complete(cmd.itt, Status::CHECK_CONDITION, &scsi::sense::fixed_illegal_request_no_lun(), Bytes::new(), None);
+        let sense = scsi::Sense::illegal(scsi::AscAscq::LOGICAL_UNIT_NOT_SUPPORTED).encode_fixed();
+        conn.complete(cmd.itt, Status::CHECK_CONDITION, &sense, Bytes::new(), None);
         return;
     };
     let lun = scsi::lun::decode(cmd.raw_lun);

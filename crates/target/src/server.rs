@@ -118,7 +118,7 @@ impl RunningTarget {
         for map in self.shared.luns.values() {
             for lun in map.luns() {
                 if let Some(lu) = map.get(lun) {
-                    if let Err(e) = lu.flush() {
+                    if let Err(e) = lu.backend().flush() {
                         tracing::warn!(lun, error = %e, "flush at shutdown failed");
                     }
                 }
@@ -150,22 +150,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
 }
 
 fn open_backend(l: &LunConfig) -> std::io::Result<Arc<dyn BlockBackend>> {
+    fn shared<B: BlockBackend + 'static>(b: B, read_only: bool) -> Arc<dyn BlockBackend> {
+        if read_only {
+            Arc::new(ReadOnly(b))
+        } else {
+            Arc::new(b)
+        }
+    }
     let spec = l.spec().map_err(std::io::Error::other)?;
-    let backend: Arc<dyn BlockBackend> = match spec {
-        BackendSpec::Memory { size } => Arc::new(MemoryBackend::new(size)),
+    Ok(match spec {
+        BackendSpec::Memory { size } => shared(MemoryBackend::new(size), l.read_only),
         BackendSpec::File { path } => {
             let create_len = match &l.size {
                 Some(s) => Some(crate::config::parse_size(s).map_err(std::io::Error::other)?),
                 None => None,
             };
             let opts = FileOptions { direct: l.direct, read_only: l.read_only, create_len };
-            Arc::new(FileBackend::open(&path, opts)?)
+            shared(FileBackend::open(&path, opts)?, l.read_only)
         }
-    };
-    if l.read_only {
-        return Ok(Arc::new(ReadOnly::new(backend)));
-    }
-    Ok(backend)
+    })
 }
 
 /// A stable 60-bit identifier for an LU, derived from its target name and LUN so that it

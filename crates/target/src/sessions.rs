@@ -89,8 +89,11 @@ impl SessionTable {
         }
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.sessions.len()
+    /// Tells every session to end (target cold reset).
+    pub(crate) fn end_all(&self) {
+        for e in self.sessions.values() {
+            e.end.notify_one();
+        }
     }
 
     fn alloc_tsih(&mut self) -> u16 {

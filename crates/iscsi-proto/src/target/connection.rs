@@ -570,11 +570,9 @@ impl TargetConnection {
 
     fn handle_data_out(&mut self, d: DataOut, pdu: RawPdu) {
         let Some(task) = self.writes.get_mut(&d.itt) else {
-            // Data for a task we no longer have (aborted): ignore it, as §4.2.3.3 allows.
-            if d.ttt != RESERVED_TAG && !self.executing.contains_key(&d.itt) {
-                return;
-            }
-            return self.reject(RejectReason::INVALID_PDU_FIELD, &pdu.bhs);
+            // Data for a task we no longer have (failed or aborted): §4.2.3.3 lets us drop it,
+            // and a Reject would name a task the initiator may already have forgotten.
+            return;
         };
         let len = pdu.data.len() as u32;
         let edtl = task.cmd.expected_data_transfer_length;
@@ -597,9 +595,7 @@ impl TargetConnection {
             }
         };
         if !in_range || !sequence_ok {
-            // ERL 0 cannot recover a Data-Out sequence: fail the command and drop its data.
-            let bhs = pdu.bhs;
-            self.reject(RejectReason::PROTOCOL_ERROR, &bhs);
+            // ERL 0 cannot recover a Data-Out sequence: fail the command, drop the rest of its data.
             if let Some(task) = self.writes.remove(&d.itt) {
                 self.fail_task(task.cmd.itt, task.cmd.read, task.cmd.write, task.cmd.expected_data_transfer_length);
             }
@@ -719,7 +715,9 @@ impl TargetConnection {
                     || self.executing.remove(&rtt).is_some()
                     || self.remove_waiting(|h| header_itt(h) == Some(rtt));
                 // §11.5.1: a task never received but inside the window counts as received.
-                let never_received = Sn(t.ref_cmd_sn).lt(Sn(t.cmd_sn)) && Sn(t.ref_cmd_sn).ge(self.exp_cmd_sn_floor());
+                // §11.5.1: a referenced command not yet received (its CmdSN still inside the
+                // window) counts as received and aborted; a finished one does not exist.
+                let never_received = Sn(t.ref_cmd_sn).lt(Sn(t.cmd_sn)) && Sn(t.ref_cmd_sn).in_window(self.exp_cmd_sn, self.max_cmd_sn);
                 let response = if found || never_received {
                     TmfResponse::FUNCTION_COMPLETE
                 } else {
@@ -743,11 +741,6 @@ impl TargetConnection {
             TmfFunction::TASK_REASSIGN => self.send_tmf_response(t.itt, TmfResponse::TASK_REASSIGNMENT_NOT_SUPPORTED),
             _ => self.send_tmf_response(t.itt, TmfResponse::FUNCTION_NOT_SUPPORTED),
         }
-    }
-
-    /// The oldest CmdSN this connection can still have in flight.
-    fn exp_cmd_sn_floor(&self) -> Sn {
-        Sn(self.exp_cmd_sn.0.wrapping_sub(self.config.command_window.max(1)))
     }
 
     fn abort_lun_tasks(&mut self, lun: Option<u64>) {
