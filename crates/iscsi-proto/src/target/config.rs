@@ -33,7 +33,11 @@ pub struct TargetEntry {
 
 impl TargetEntry {
     pub fn allows(&self, initiator: &str) -> bool {
-        self.allowed_initiators.is_empty() || self.allowed_initiators.iter().any(|i| i.eq_ignore_ascii_case(initiator))
+        self.allowed_initiators.is_empty()
+            || self
+                .allowed_initiators
+                .iter()
+                .any(|i| i.eq_ignore_ascii_case(initiator))
     }
 }
 
@@ -56,6 +60,8 @@ pub struct PortalConfig {
 
 impl PortalConfig {
     pub fn target(&self, name: &str) -> Option<&TargetEntry> {
-        self.targets.iter().find(|t| t.name.eq_ignore_ascii_case(name))
+        self.targets
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
     }
 }

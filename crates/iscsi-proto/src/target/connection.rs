@@ -60,18 +60,28 @@ pub struct TmfRequest {
 pub enum Event {
     SessionRequested(SessionRequest),
     /// Login completed: from now on these limits apply (send side: `tx`, receive side: `rx`).
-    FullFeature { params: Box<SessionParams>, rx: FrameLimits, tx: FrameLimits },
+    FullFeature {
+        params: Box<SessionParams>,
+        rx: FrameLimits,
+        tx: FrameLimits,
+    },
     Execute(Command),
     /// Answer with [`TargetConnection::tmf_done`].
     TaskManagement(TmfRequest),
     /// Flush what is queued, then close the connection.
-    Close { reason: String },
+    Close {
+        reason: String,
+    },
 }
 
 enum Phase {
     Login(Box<TargetLogin>),
     /// Final login answer held until the driver places the session.
-    AwaitingSession { csg: Stage, text: Vec<u8>, params: Box<SessionParams> },
+    AwaitingSession {
+        csg: Stage,
+        text: Vec<u8>,
+        params: Box<SessionParams>,
+    },
     FullFeature,
     Closed,
 }
@@ -256,7 +266,9 @@ impl TargetConnection {
             }
             return;
         }
-        let (Some(interval), Some(last)) = (self.config.nop_in_interval, self.last_rx) else { return };
+        let (Some(interval), Some(last)) = (self.config.nop_in_interval, self.last_rx) else {
+            return;
+        };
         if now >= last + interval {
             let ttt = self.alloc_ttt();
             let bhs = NopIn {
@@ -277,19 +289,34 @@ impl TargetConnection {
 
     /// The driver placed the session: send the final login response.
     pub fn accept_session(&mut self, tsih: u16) {
-        let Phase::AwaitingSession { csg, text, params } = std::mem::replace(&mut self.phase, Phase::FullFeature) else {
+        let Phase::AwaitingSession { csg, text, params } =
+            std::mem::replace(&mut self.phase, Phase::FullFeature)
+        else {
             return;
         };
         self.tsih = tsih;
         self.params = *params;
-        self.send_login_response(true, csg, Stage::FullFeaturePhase, LoginStatus::SUCCESS, text);
+        self.send_login_response(
+            true,
+            csg,
+            Stage::FullFeaturePhase,
+            LoginStatus::SUCCESS,
+            text,
+        );
         let rx = FrameLimits {
             header_digest: self.params.header_digest,
             data_digest: self.params.data_digest,
             max_recv_data_segment_len: self.params.max_recv_data_segment_length,
         };
-        let tx = FrameLimits { max_recv_data_segment_len: self.params.max_xmit_data_segment_length, ..rx };
-        self.events.push_back(Event::FullFeature { params: Box::new(self.params.clone()), rx, tx });
+        let tx = FrameLimits {
+            max_recv_data_segment_len: self.params.max_xmit_data_segment_length,
+            ..rx
+        };
+        self.events.push_back(Event::FullFeature {
+            params: Box::new(self.params.clone()),
+            rx,
+            tx,
+        });
     }
 
     pub fn refuse_session(&mut self, status: LoginStatus) {
@@ -301,8 +328,17 @@ impl TargetConnection {
 
     /// A command finished. `data` is what the command produced (before truncation to the
     /// expected length); `write_len` is the Data-Out length the command needed, if any.
-    pub fn complete(&mut self, itt: u32, status: Status, sense: &[u8], data: Bytes, write_len: Option<u32>) {
-        let Some(cmd) = self.executing.remove(&itt) else { return };
+    pub fn complete(
+        &mut self,
+        itt: u32,
+        status: Status,
+        sense: &[u8],
+        data: Bytes,
+        write_len: Option<u32>,
+    ) {
+        let Some(cmd) = self.executing.remove(&itt) else {
+            return;
+        };
         self.update_window();
         let edtl = cmd.expected_data_transfer_length;
         let mut resp = ScsiResponse {
@@ -312,8 +348,16 @@ impl TargetConnection {
             ..Default::default()
         };
         // Residuals (§11.4.5): compare what the command transfers with what was expected.
-        let natural = if cmd.read && !data.is_empty() { data.len() as u32 } else { write_len.unwrap_or(data.len() as u32) };
-        let natural = if !cmd.read && !cmd.write { data.len() as u32 } else { natural };
+        let natural = if cmd.read && !data.is_empty() {
+            data.len() as u32
+        } else {
+            write_len.unwrap_or(data.len() as u32)
+        };
+        let natural = if !cmd.read && !cmd.write {
+            data.len() as u32
+        } else {
+            natural
+        };
         if natural < edtl {
             resp.underflow = true;
             resp.residual_count = edtl - natural;
@@ -321,7 +365,11 @@ impl TargetConnection {
             resp.overflow = true;
             resp.residual_count = natural - edtl;
         }
-        let data_in = if cmd.read { data.slice(..data.len().min(edtl as usize)) } else { Bytes::new() };
+        let data_in = if cmd.read {
+            data.slice(..data.len().min(edtl as usize))
+        } else {
+            Bytes::new()
+        };
         if !data_in.is_empty() {
             let collapse = status == Status::GOOD && sense.is_empty();
             self.send_data_in(itt, &cmd, data_in, collapse.then_some(&resp));
@@ -351,7 +399,9 @@ impl TargetConnection {
     // ---- internals: login ----
 
     fn handle_login(&mut self, req: LoginRequest, data: &[u8]) {
-        let Phase::Login(login) = &mut self.phase else { return };
+        let Phase::Login(login) = &mut self.phase else {
+            return;
+        };
         if login.first_request().is_none() {
             self.exp_cmd_sn = Sn(req.cmd_sn);
             self.max_cmd_sn = Sn(req.cmd_sn);
@@ -361,32 +411,49 @@ impl TargetConnection {
         }
         let outcome = login.step(&req, data, &self.config);
         match outcome {
-            LoginOutcome::Respond { transit, csg, nsg, text } => {
-                self.send_login_response(transit, csg, nsg, LoginStatus::SUCCESS, text)
-            }
+            LoginOutcome::Respond {
+                transit,
+                csg,
+                nsg,
+                text,
+            } => self.send_login_response(transit, csg, nsg, LoginStatus::SUCCESS, text),
             LoginOutcome::Fail(status) => {
                 let csg = Stage::from_bits(req.csg).unwrap_or(Stage::SecurityNegotiation);
                 self.send_login_response(false, csg, csg, status, Vec::new());
                 self.close("login failed");
             }
-            LoginOutcome::Complete { csg, text, params, initiator_name, target_name } => {
+            LoginOutcome::Complete {
+                csg,
+                text,
+                params,
+                initiator_name,
+                target_name,
+            } => {
                 self.initiator_name = initiator_name.clone();
                 self.target_name = target_name.clone();
                 let session_type = params.session_type;
                 self.phase = Phase::AwaitingSession { csg, text, params };
-                self.events.push_back(Event::SessionRequested(SessionRequest {
-                    initiator_name,
-                    isid: req.isid,
-                    tsih: req.tsih,
-                    cid: req.cid,
-                    target_name,
-                    session_type,
-                }));
+                self.events
+                    .push_back(Event::SessionRequested(SessionRequest {
+                        initiator_name,
+                        isid: req.isid,
+                        tsih: req.tsih,
+                        cid: req.cid,
+                        target_name,
+                        session_type,
+                    }));
             }
         }
     }
 
-    fn send_login_response(&mut self, transit: bool, csg: Stage, nsg: Stage, status: LoginStatus, text: Vec<u8>) {
+    fn send_login_response(
+        &mut self,
+        transit: bool,
+        csg: Stage,
+        nsg: Stage,
+        status: LoginStatus,
+        text: Vec<u8>,
+    ) {
         self.update_window();
         let itt = self.login_itt;
         let resp = LoginResponse {
@@ -397,7 +464,11 @@ impl TargetConnection {
             version_max: 0,
             version_active: 0,
             isid: self.isid,
-            tsih: if status == LoginStatus::SUCCESS { self.tsih } else { 0 },
+            tsih: if status == LoginStatus::SUCCESS {
+                self.tsih
+            } else {
+                0
+            },
             itt,
             stat_sn: self.next_stat_sn(),
             exp_cmd_sn: self.exp_cmd_sn.0,
@@ -437,11 +508,12 @@ impl TargetConnection {
                 }
                 if sn != self.exp_cmd_sn {
                     if self.waiting.len() < MAX_WAITING {
-                        self.waiting.insert(self.exp_cmd_sn.distance(sn), (header, pdu));
+                        self.waiting
+                            .insert(self.exp_cmd_sn.distance(sn), (header, pdu));
                     }
                     return;
                 }
-                self.exp_cmd_sn = self.exp_cmd_sn + 1;
+                self.exp_cmd_sn += 1;
                 self.update_window();
                 self.dispatch(header, pdu);
                 self.drain_waiting();
@@ -456,11 +528,15 @@ impl TargetConnection {
             let next = self
                 .waiting
                 .iter()
-                .find(|(_, (h, _))| ordered_cmd_sn(h).is_some_and(|(_, sn)| Sn(sn) == self.exp_cmd_sn))
+                .find(|(_, (h, _))| {
+                    ordered_cmd_sn(h).is_some_and(|(_, sn)| Sn(sn) == self.exp_cmd_sn)
+                })
                 .map(|(k, _)| *k);
             let Some(k) = next else { break };
-            let Some((h, p)) = self.waiting.remove(&k) else { break };
-            self.exp_cmd_sn = self.exp_cmd_sn + 1;
+            let Some((h, p)) = self.waiting.remove(&k) else {
+                break;
+            };
+            self.exp_cmd_sn += 1;
             self.update_window();
             self.dispatch(h, p);
         }
@@ -497,7 +573,10 @@ impl TargetConnection {
         let edtl = cmd.expected_data_transfer_length;
         let immediate_len = pdu.data.len() as u32;
         if immediate_len > 0
-            && (!cmd.write || !self.params.immediate_data || immediate_len > edtl || immediate_len > self.params.first_burst_length)
+            && (!cmd.write
+                || !self.params.immediate_data
+                || immediate_len > edtl
+                || immediate_len > self.params.first_burst_length)
         {
             return self.reject(RejectReason::PROTOCOL_ERROR, &pdu.bhs);
         }
@@ -512,7 +591,10 @@ impl TargetConnection {
         };
         if !cmd.write || edtl == 0 || immediate_len == edtl {
             let data_out = pdu.data.clone();
-            return self.execute(Command { data_out, ..command });
+            return self.execute(Command {
+                data_out,
+                ..command
+            });
         }
         // Unsolicited data may follow only with InitialR2T=No, up to FirstBurstLength.
         let unsolicited_end = if !self.params.initial_r2t && !cmd.final_ {
@@ -542,7 +624,9 @@ impl TargetConnection {
         let burst = self.params.max_burst_length.max(512);
         loop {
             let ttt = self.next_ttt;
-            let Some(task) = self.writes.get_mut(&itt) else { return };
+            let Some(task) = self.writes.get_mut(&itt) else {
+                return;
+            };
             let edtl = task.cmd.expected_data_transfer_length;
             // Wait for the unsolicited part before soliciting the rest.
             if task.r2ts.len() >= max_out || task.next_r2t_offset >= edtl {
@@ -560,7 +644,15 @@ impl TargetConnection {
                 buffer_offset: task.next_r2t_offset,
                 desired_data_transfer_length: len,
             };
-            task.r2ts.insert(ttt, R2tState { offset: task.next_r2t_offset, len, received: 0, next_data_sn: 0 });
+            task.r2ts.insert(
+                ttt,
+                R2tState {
+                    offset: task.next_r2t_offset,
+                    len,
+                    received: 0,
+                    next_data_sn: 0,
+                },
+            );
             task.next_r2t_offset += len;
             task.next_r2t_sn += 1;
             self.alloc_ttt();
@@ -579,7 +671,8 @@ impl TargetConnection {
         let end = d.buffer_offset.checked_add(len);
         let in_range = end.is_some_and(|e| e <= edtl);
         let sequence_ok = if d.ttt == RESERVED_TAG {
-            let ok = d.data_sn == task.unsolicited_data_sn && end.is_some_and(|e| e <= task.unsolicited_end);
+            let ok = d.data_sn == task.unsolicited_data_sn
+                && end.is_some_and(|e| e <= task.unsolicited_end);
             task.unsolicited_data_sn = task.unsolicited_data_sn.wrapping_add(1);
             ok
         } else {
@@ -597,7 +690,12 @@ impl TargetConnection {
         if !in_range || !sequence_ok {
             // ERL 0 cannot recover a Data-Out sequence: fail the command, drop the rest of its data.
             if let Some(task) = self.writes.remove(&d.itt) {
-                self.fail_task(task.cmd.itt, task.cmd.read, task.cmd.write, task.cmd.expected_data_transfer_length);
+                self.fail_task(
+                    task.cmd.itt,
+                    task.cmd.read,
+                    task.cmd.write,
+                    task.cmd.expected_data_transfer_length,
+                );
             }
             return;
         }
@@ -624,7 +722,10 @@ impl TargetConnection {
         if task.received >= edtl {
             if let Some(task) = self.writes.remove(&d.itt) {
                 let data_out = task.buf.freeze();
-                self.execute(Command { data_out, ..task.cmd });
+                self.execute(Command {
+                    data_out,
+                    ..task.cmd
+                });
             }
         } else if burst_done || (d.ttt == RESERVED_TAG && d.final_) {
             self.send_r2ts(d.itt);
@@ -633,10 +734,26 @@ impl TargetConnection {
 
     /// A write whose Data-Out sequence broke: it ends with CHECK CONDITION, ABORTED COMMAND.
     fn fail_task(&mut self, itt: u32, read: bool, write: bool, edtl: u32) {
-        self.executing.insert(itt, Executing { read, write, raw_lun: 0, expected_data_transfer_length: edtl });
+        self.executing.insert(
+            itt,
+            Executing {
+                read,
+                write,
+                raw_lun: 0,
+                expected_data_transfer_length: edtl,
+            },
+        );
         // Fixed-format sense: ABORTED COMMAND, DATA PHASE ERROR (4B/00).
-        let sense = [0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, 0x00, 0, 0, 0, 0];
-        self.complete(itt, Status::CHECK_CONDITION, &sense, Bytes::new(), Some(edtl));
+        let sense = [
+            0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, 0x00, 0, 0, 0, 0,
+        ];
+        self.complete(
+            itt,
+            Status::CHECK_CONDITION,
+            &sense,
+            Bytes::new(),
+            Some(edtl),
+        );
     }
 
     fn execute(&mut self, cmd: Command) {
@@ -654,7 +771,13 @@ impl TargetConnection {
 
     /// Sends read data in PDUs of at most the initiator's MaxRecvDataSegmentLength, in
     /// sequences of at most MaxBurstLength; the last one carries the status if `status` is set.
-    fn send_data_in(&mut self, itt: u32, cmd: &Executing, data: Bytes, status: Option<&ScsiResponse>) {
+    fn send_data_in(
+        &mut self,
+        itt: u32,
+        cmd: &Executing,
+        data: Bytes,
+        status: Option<&ScsiResponse>,
+    ) {
         let seg = self.params.max_xmit_data_segment_length.max(512) as usize;
         let burst = self.params.max_burst_length.max(512) as usize;
         let total = data.len();
@@ -717,7 +840,8 @@ impl TargetConnection {
                 // §11.5.1: a task never received but inside the window counts as received.
                 // §11.5.1: a referenced command not yet received (its CmdSN still inside the
                 // window) counts as received and aborted; a finished one does not exist.
-                let never_received = Sn(t.ref_cmd_sn).lt(Sn(t.cmd_sn)) && Sn(t.ref_cmd_sn).in_window(self.exp_cmd_sn, self.max_cmd_sn);
+                let never_received = Sn(t.ref_cmd_sn).lt(Sn(t.cmd_sn))
+                    && Sn(t.ref_cmd_sn).in_window(self.exp_cmd_sn, self.max_cmd_sn);
                 let response = if found || never_received {
                     TmfResponse::FUNCTION_COMPLETE
                 } else {
@@ -732,21 +856,35 @@ impl TargetConnection {
             TmfFunction::CLEAR_ACA => self.send_tmf_response(t.itt, TmfResponse::FUNCTION_COMPLETE),
             TmfFunction::LOGICAL_UNIT_RESET => {
                 self.abort_lun_tasks(Some(t.lun));
-                self.events.push_back(Event::TaskManagement(TmfRequest { itt: t.itt, function: t.function, raw_lun: t.lun }));
+                self.events.push_back(Event::TaskManagement(TmfRequest {
+                    itt: t.itt,
+                    function: t.function,
+                    raw_lun: t.lun,
+                }));
             }
             TmfFunction::TARGET_WARM_RESET | TmfFunction::TARGET_COLD_RESET => {
                 self.abort_lun_tasks(None);
-                self.events.push_back(Event::TaskManagement(TmfRequest { itt: t.itt, function: t.function, raw_lun: t.lun }));
+                self.events.push_back(Event::TaskManagement(TmfRequest {
+                    itt: t.itt,
+                    function: t.function,
+                    raw_lun: t.lun,
+                }));
             }
-            TmfFunction::TASK_REASSIGN => self.send_tmf_response(t.itt, TmfResponse::TASK_REASSIGNMENT_NOT_SUPPORTED),
+            TmfFunction::TASK_REASSIGN => {
+                self.send_tmf_response(t.itt, TmfResponse::TASK_REASSIGNMENT_NOT_SUPPORTED)
+            }
             _ => self.send_tmf_response(t.itt, TmfResponse::FUNCTION_NOT_SUPPORTED),
         }
     }
 
     fn abort_lun_tasks(&mut self, lun: Option<u64>) {
-        self.writes.retain(|_, t| lun.is_some_and(|l| l != t.cmd.raw_lun));
-        self.executing.retain(|_, t| lun.is_some_and(|l| l != t.raw_lun));
-        self.remove_waiting(|h| matches!(h, Header::ScsiCommand(c) if lun.is_none_or(|l| l == c.lun)));
+        self.writes
+            .retain(|_, t| lun.is_some_and(|l| l != t.cmd.raw_lun));
+        self.executing
+            .retain(|_, t| lun.is_some_and(|l| l != t.raw_lun));
+        self.remove_waiting(
+            |h| matches!(h, Header::ScsiCommand(c) if lun.is_none_or(|l| l == c.lun)),
+        );
     }
 
     fn remove_waiting(&mut self, pred: impl Fn(&Header) -> bool) -> bool {
@@ -787,7 +925,8 @@ impl TargetConnection {
             }
         }
         if !rest.is_empty() {
-            let mut neg = keys::Negotiation::new(keys::Role::Target, self.config.negotiation.clone());
+            let mut neg =
+                keys::Negotiation::new(keys::Role::Target, self.config.negotiation.clone());
             match neg.respond(keys::Stage::FullFeature, false, &rest) {
                 Ok(r) => answers.extend(r.answers),
                 Err(_) => return self.reject(RejectReason::PROTOCOL_ERROR, &pdu.bhs),
@@ -797,11 +936,18 @@ impl TargetConnection {
     }
 
     fn send_targets(&self, which: &str, answers: &mut Vec<(String, String)>) {
-        let allowed = self.config.targets.iter().filter(|t| t.allows(&self.initiator_name));
+        let allowed = self
+            .config
+            .targets
+            .iter()
+            .filter(|t| t.allows(&self.initiator_name));
         for target in allowed {
             let wanted = match which {
                 "All" => self.params.session_type == SessionType::Discovery,
-                "" => self.target_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&target.name)),
+                "" => self
+                    .target_name
+                    .as_deref()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(&target.name)),
                 name => name.eq_ignore_ascii_case(&target.name),
             };
             if wanted {
@@ -815,7 +961,11 @@ impl TargetConnection {
 
     fn send_text_parts(&mut self, itt: u32, text: Bytes) {
         let max = self.params.max_xmit_data_segment_length.max(512) as usize;
-        let (part, rest) = if text.len() > max { (text.slice(..max), text.slice(max..)) } else { (text, Bytes::new()) };
+        let (part, rest) = if text.len() > max {
+            (text.slice(..max), text.slice(max..))
+        } else {
+            (text, Bytes::new())
+        };
         let more = !rest.is_empty();
         let ttt = if more { self.alloc_ttt() } else { RESERVED_TAG };
         if more {
@@ -836,7 +986,9 @@ impl TargetConnection {
 
     fn handle_logout(&mut self, l: LogoutRequest) {
         let response = match l.reason {
-            LogoutReason::CLOSE_SESSION | LogoutReason::CLOSE_CONNECTION => LogoutResponseCode::CLOSED_SUCCESSFULLY,
+            LogoutReason::CLOSE_SESSION | LogoutReason::CLOSE_CONNECTION => {
+                LogoutResponseCode::CLOSED_SUCCESSFULLY
+            }
             _ => LogoutResponseCode::RECOVERY_NOT_SUPPORTED,
         };
         let resp = LogoutResponse {
@@ -898,7 +1050,9 @@ impl TargetConnection {
     fn close(&mut self, reason: &str) {
         if !self.is_closed() {
             self.phase = Phase::Closed;
-            self.events.push_back(Event::Close { reason: reason.to_string() });
+            self.events.push_back(Event::Close {
+                reason: reason.to_string(),
+            });
         }
     }
 }

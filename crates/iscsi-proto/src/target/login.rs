@@ -19,9 +19,20 @@ use super::config::{AuthPolicy, PortalConfig};
 #[derive(Debug)]
 pub enum LoginOutcome {
     /// Answer with these keys and stay in login; `transit` moves to `nsg`.
-    Respond { transit: bool, csg: Stage, nsg: Stage, text: Vec<u8> },
+    Respond {
+        transit: bool,
+        csg: Stage,
+        nsg: Stage,
+        text: Vec<u8>,
+    },
     /// Login is done on our side: ask the driver to place the session, then answer.
-    Complete { csg: Stage, text: Vec<u8>, params: Box<SessionParams>, initiator_name: String, target_name: Option<String> },
+    Complete {
+        csg: Stage,
+        text: Vec<u8>,
+        params: Box<SessionParams>,
+        initiator_name: String,
+        target_name: Option<String>,
+    },
     /// Answer with this status and close the connection.
     Fail(LoginStatus),
 }
@@ -66,21 +77,32 @@ impl TargetLogin {
         self.first.as_ref()
     }
 
-    pub(crate) fn step(&mut self, req: &LoginRequest, data: &[u8], config: &PortalConfig) -> LoginOutcome {
+    pub(crate) fn step(
+        &mut self,
+        req: &LoginRequest,
+        data: &[u8],
+        config: &PortalConfig,
+    ) -> LoginOutcome {
         match self.step_inner(req, data, config) {
             Ok(o) => o,
             Err(status) => LoginOutcome::Fail(status),
         }
     }
 
-    fn step_inner(&mut self, req: &LoginRequest, data: &[u8], config: &PortalConfig) -> Result<LoginOutcome, LoginStatus> {
+    fn step_inner(
+        &mut self,
+        req: &LoginRequest,
+        data: &[u8],
+        config: &PortalConfig,
+    ) -> Result<LoginOutcome, LoginStatus> {
         if req.version_min > 0 {
             return Err(LoginStatus::UNSUPPORTED_VERSION);
         }
         match &self.first {
             None => self.first = Some(req.clone()),
             Some(f) => {
-                if f.isid != req.isid || f.tsih != req.tsih || f.itt != req.itt || f.cid != req.cid {
+                if f.isid != req.isid || f.tsih != req.tsih || f.itt != req.itt || f.cid != req.cid
+                {
                     return Err(LoginStatus::INITIATOR_ERROR);
                 }
             }
@@ -114,7 +136,12 @@ impl TargetLogin {
         self.partial_text.extend_from_slice(data);
         if req.continue_ {
             // More text follows: acknowledge with an empty response (§11.13.2).
-            return Ok(LoginOutcome::Respond { transit: false, csg, nsg: csg, text: Vec::new() });
+            return Ok(LoginOutcome::Respond {
+                transit: false,
+                csg,
+                nsg: csg,
+                text: Vec::new(),
+            });
         }
         let text = std::mem::take(&mut self.partial_text);
         let offers = keys::parse_text(&text).map_err(|_| LoginStatus::INITIATOR_ERROR)?;
@@ -152,13 +179,30 @@ impl TargetLogin {
         if may_transit {
             self.stage = nsg;
         }
-        Ok(LoginOutcome::Respond { transit: may_transit, csg, nsg: if may_transit { nsg } else { csg }, text: body })
+        Ok(LoginOutcome::Respond {
+            transit: may_transit,
+            csg,
+            nsg: if may_transit { nsg } else { csg },
+            text: body,
+        })
     }
 
     /// First request: who is the initiator, which target and what kind of session.
-    fn identify(&mut self, offers: &[(String, String)], config: &PortalConfig, answers: &mut Vec<(String, String)>) -> Result<(), LoginStatus> {
-        let get = |k: &str| offers.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-        let initiator = get("InitiatorName").filter(|n| !n.is_empty()).ok_or(LoginStatus::MISSING_PARAMETER)?;
+    fn identify(
+        &mut self,
+        offers: &[(String, String)],
+        config: &PortalConfig,
+        answers: &mut Vec<(String, String)>,
+    ) -> Result<(), LoginStatus> {
+        let get = |k: &str| {
+            offers
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let initiator = get("InitiatorName")
+            .filter(|n| !n.is_empty())
+            .ok_or(LoginStatus::MISSING_PARAMETER)?;
         self.session_type = match get("SessionType").as_deref() {
             None | Some("Normal") => SessionType::Normal,
             Some("Discovery") => SessionType::Discovery,
@@ -176,7 +220,10 @@ impl TargetLogin {
                 self.target_name = Some(target.name.clone());
                 if !self.tpgt_sent {
                     // RFC 7143 §13.9: returned in the first login response of a normal session.
-                    answers.push(("TargetPortalGroupTag".into(), config.portal_group_tag.to_string()));
+                    answers.push((
+                        "TargetPortalGroupTag".into(),
+                        config.portal_group_tag.to_string(),
+                    ));
                     self.tpgt_sent = true;
                 }
             }
@@ -185,44 +232,50 @@ impl TargetLogin {
         Ok(())
     }
 
-    fn authenticate(&mut self, auth_keys: &[(String, String)], answers: &mut Vec<(String, String)>) -> Result<(), LoginStatus> {
+    /// Security stage: AuthMethod and CHAP keys go to the CHAP engine, which answers
+    /// AuthMethod=None itself when this target needs no authentication.
+    fn authenticate(
+        &mut self,
+        auth_keys: &[(String, String)],
+        answers: &mut Vec<(String, String)>,
+    ) -> Result<(), LoginStatus> {
         let policy = self.auth.clone().unwrap_or_default();
-        let offered_methods: Option<Vec<&str>> = auth_keys
-            .iter()
-            .find(|(k, _)| k == "AuthMethod")
-            .map(|(_, v)| v.split(',').map(str::trim).collect());
-        if let Some(methods) = &offered_methods {
-            if policy.required() {
-                if !methods.contains(&"CHAP") {
+        if self.chap.is_none() {
+            if auth_keys.is_empty() {
+                // No AuthMethod offered: acceptable only when nothing is required.
+                if policy.required() {
                     return Err(LoginStatus::AUTHENTICATION_FAILURE);
                 }
-                answers.push(("AuthMethod".into(), "CHAP".into()));
-                let algorithms = if policy.algorithms.is_empty() {
-                    vec![ChapAlgorithm::SHA3_256, ChapAlgorithm::SHA256, ChapAlgorithm::SHA1, ChapAlgorithm::MD5]
-                } else {
-                    policy.algorithms.clone()
-                };
-                self.chap = Some(TargetChap::new(policy.initiators.clone(), policy.target.clone(), algorithms));
-            } else if methods.contains(&"None") {
-                answers.push(("AuthMethod".into(), "None".into()));
                 self.authenticated = true;
+                return Ok(());
+            }
+            let algorithms = if policy.algorithms.is_empty() {
+                vec![
+                    ChapAlgorithm::SHA3_256,
+                    ChapAlgorithm::SHA256,
+                    ChapAlgorithm::SHA1,
+                    ChapAlgorithm::MD5,
+                ]
             } else {
-                return Err(LoginStatus::AUTHENTICATION_FAILURE);
-            }
+                policy.algorithms.clone()
+            };
+            self.chap = Some(TargetChap::new(
+                policy.initiators.clone(),
+                policy.target.clone(),
+                algorithms,
+            ));
         }
-        let chap_keys: Vec<(String, String)> = auth_keys.iter().filter(|(k, _)| k.starts_with("CHAP_")).cloned().collect();
-        if let Some(chap) = &mut self.chap {
-            if !chap_keys.is_empty() || offered_methods.is_none() {
-                let step = chap.step(&chap_keys).map_err(|e| LoginStatus(e.login_status()))?;
-                answers.extend(step.keys);
-                if matches!(step.state, ChapState::Done { .. }) {
-                    self.authenticated = true;
-                }
-            }
-        } else if !chap_keys.is_empty() {
-            return Err(LoginStatus::INITIATOR_ERROR);
-        } else if offered_methods.is_none() && !policy.required() {
-            // An initiator that skips AuthMethod needs no authentication when none is required.
+        let Some(chap) = &mut self.chap else {
+            return Ok(());
+        };
+        if auth_keys.is_empty() && self.authenticated {
+            return Ok(());
+        }
+        let step = chap
+            .step(auth_keys)
+            .map_err(|e| LoginStatus(e.login_status()))?;
+        answers.extend(step.keys);
+        if matches!(step.state, ChapState::Done { .. }) {
             self.authenticated = true;
         }
         Ok(())

@@ -30,7 +30,11 @@ fn portal() -> Arc<PortalConfig> {
 fn pdu(bhs: Bhs, data: &[u8]) -> Result<RawPdu, PduError> {
     let mut bhs = bhs;
     bhs.set_data_segment_len(data.len() as u32);
-    Ok(RawPdu { bhs, ahs: Bytes::new(), data: Bytes::copy_from_slice(data) })
+    Ok(RawPdu {
+        bhs,
+        ahs: Bytes::new(),
+        data: Bytes::copy_from_slice(data),
+    })
 }
 
 fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -38,7 +42,9 @@ fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
 }
 
 fn sent(conn: &mut TargetConnection) -> Vec<(Header, Bytes)> {
-    std::iter::from_fn(|| conn.poll_transmit()).map(|o| (Header::parse(&o.bhs).unwrap(), o.data)).collect()
+    std::iter::from_fn(|| conn.poll_transmit())
+        .map(|o| (Header::parse(&o.bhs).unwrap(), o.data))
+        .collect()
 }
 
 /// Logs in (security stage skipped, straight to operational and full feature) and returns the
@@ -52,20 +58,45 @@ fn logged_in(extra: &[(&str, &str)]) -> TargetConnection {
         ("SessionType", "Normal"),
         ("AuthMethod", "None"),
     ];
-    let login = LoginRequest { transit: true, csg: 0, nsg: 1, isid: Isid(0x23d000001), itt: 1, cid: 1, cmd_sn: 10, ..Default::default() };
+    let login = LoginRequest {
+        transit: true,
+        csg: 0,
+        nsg: 1,
+        isid: Isid(0x23d000001),
+        itt: 1,
+        cid: 1,
+        cmd_sn: 10,
+        ..Default::default()
+    };
     conn.handle_pdu(pdu(login.to_bhs(), &text(&offers)), now);
     let out = sent(&mut conn);
-    let Header::LoginResponse(r) = &out[0].0 else { panic!("expected a login response, got {out:?}") };
+    let Header::LoginResponse(r) = &out[0].0 else {
+        panic!("expected a login response, got {out:?}")
+    };
     assert_eq!(r.status, LoginStatus::SUCCESS);
     assert!(r.transit);
     offers = extra.to_vec();
-    let login = LoginRequest { transit: true, csg: 1, nsg: 3, isid: Isid(0x23d000001), itt: 1, cid: 1, cmd_sn: 10, exp_stat_sn: 1, ..Default::default() };
+    let login = LoginRequest {
+        transit: true,
+        csg: 1,
+        nsg: 3,
+        isid: Isid(0x23d000001),
+        itt: 1,
+        cid: 1,
+        cmd_sn: 10,
+        exp_stat_sn: 1,
+        ..Default::default()
+    };
     conn.handle_pdu(pdu(login.to_bhs(), &text(&offers)), now);
-    let Some(Event::SessionRequested(req)) = conn.poll_event() else { panic!("no session request") };
+    let Some(Event::SessionRequested(req)) = conn.poll_event() else {
+        panic!("no session request")
+    };
     assert_eq!(req.initiator_name, "iqn.2024-01.test:init");
     conn.accept_session(7);
     let out = sent(&mut conn);
-    let Header::LoginResponse(r) = &out[0].0 else { panic!() };
+    let Header::LoginResponse(r) = &out[0].0 else {
+        panic!()
+    };
     assert_eq!((r.status, r.tsih, r.nsg), (LoginStatus::SUCCESS, 7, 3));
     assert!(matches!(conn.poll_event(), Some(Event::FullFeature { .. })));
     conn
@@ -75,18 +106,31 @@ fn read10(itt: u32, cmd_sn: u32, len: u32) -> Bhs {
     let mut cdb = [0u8; 16];
     cdb[0] = 0x28;
     cdb[8] = (len / 512) as u8;
-    ScsiCommand { final_: true, read: true, itt, expected_data_transfer_length: len, cmd_sn, cdb, ..Default::default() }.to_bhs()
+    ScsiCommand {
+        final_: true,
+        read: true,
+        itt,
+        expected_data_transfer_length: len,
+        cmd_sn,
+        cdb,
+        ..Default::default()
+    }
+    .to_bhs()
 }
 
 #[test]
 fn read_completes_with_phase_collapsed_status() {
     let mut conn = logged_in(&[]);
     conn.handle_pdu(pdu(read10(5, 10, 4096), &[]), Instant::now());
-    let Some(Event::Execute(cmd)) = conn.poll_event() else { panic!("no execute") };
+    let Some(Event::Execute(cmd)) = conn.poll_event() else {
+        panic!("no execute")
+    };
     assert_eq!(cmd.cdb[0], 0x28);
     conn.complete(5, Status::GOOD, &[], Bytes::from(vec![7u8; 4096]), None);
     let out = sent(&mut conn);
-    let Header::DataIn(last) = &out.last().unwrap().0 else { panic!() };
+    let Header::DataIn(last) = &out.last().unwrap().0 else {
+        panic!()
+    };
     assert_eq!(last.status, Some(Status::GOOD));
     assert!(last.final_);
     let total: usize = out.iter().map(|(_, d)| d.len()).sum();
@@ -100,7 +144,9 @@ fn short_read_reports_underflow() {
     let _ = conn.poll_event();
     conn.complete(5, Status::GOOD, &[], Bytes::from(vec![1u8; 512]), None);
     let out = sent(&mut conn);
-    let Header::DataIn(last) = &out.last().unwrap().0 else { panic!() };
+    let Header::DataIn(last) = &out.last().unwrap().0 else {
+        panic!()
+    };
     assert!(last.underflow);
     assert_eq!(last.residual_count, 3584);
 }
@@ -111,21 +157,45 @@ fn write_is_solicited_with_r2t() {
     let mut cdb = [0u8; 16];
     cdb[0] = 0x2a;
     cdb[8] = 16;
-    let cmd = ScsiCommand { final_: true, write: true, itt: 9, expected_data_transfer_length: 8192, cmd_sn: 10, cdb, ..Default::default() };
+    let cmd = ScsiCommand {
+        final_: true,
+        write: true,
+        itt: 9,
+        expected_data_transfer_length: 8192,
+        cmd_sn: 10,
+        cdb,
+        ..Default::default()
+    };
     conn.handle_pdu(pdu(cmd.to_bhs(), &[]), Instant::now());
     let out = sent(&mut conn);
-    let Header::R2t(r2t) = &out[0].0 else { panic!("expected R2T, got {out:?}") };
-    assert_eq!((r2t.buffer_offset, r2t.desired_data_transfer_length), (0, 8192));
+    let Header::R2t(r2t) = &out[0].0 else {
+        panic!("expected R2T, got {out:?}")
+    };
+    assert_eq!(
+        (r2t.buffer_offset, r2t.desired_data_transfer_length),
+        (0, 8192)
+    );
     for (i, chunk) in [vec![1u8; 4096], vec![2u8; 4096]].iter().enumerate() {
-        let d = DataOut { final_: i == 1, itt: 9, ttt: r2t.ttt, data_sn: i as u32, buffer_offset: 4096 * i as u32, ..Default::default() };
+        let d = DataOut {
+            final_: i == 1,
+            itt: 9,
+            ttt: r2t.ttt,
+            data_sn: i as u32,
+            buffer_offset: 4096 * i as u32,
+            ..Default::default()
+        };
         conn.handle_pdu(pdu(d.to_bhs(), chunk), Instant::now());
     }
-    let Some(Event::Execute(cmd)) = conn.poll_event() else { panic!("no execute") };
+    let Some(Event::Execute(cmd)) = conn.poll_event() else {
+        panic!("no execute")
+    };
     assert_eq!(cmd.data_out.len(), 8192);
     assert_eq!(cmd.data_out[4096], 2);
     conn.complete(9, Status::GOOD, &[], Bytes::new(), Some(8192));
     let out = sent(&mut conn);
-    let Header::ScsiResponse(r) = &out[0].0 else { panic!() };
+    let Header::ScsiResponse(r) = &out[0].0 else {
+        panic!()
+    };
     assert_eq!(r.status, Status::GOOD);
     assert!(!r.underflow && !r.overflow);
 }
@@ -139,7 +209,13 @@ fn commands_are_delivered_in_cmd_sn_order_and_out_of_window_ignored() {
     conn.handle_pdu(pdu(read10(3, 500, 512), &[]), now);
     conn.handle_pdu(pdu(read10(1, 10, 512), &[]), now);
     let itts: Vec<u32> = std::iter::from_fn(|| conn.poll_event())
-        .filter_map(|e| if let Event::Execute(c) = e { Some(c.itt) } else { None })
+        .filter_map(|e| {
+            if let Event::Execute(c) = e {
+                Some(c.itt)
+            } else {
+                None
+            }
+        })
         .collect();
     assert_eq!(itts, vec![1, 2]);
 }
@@ -148,14 +224,31 @@ fn commands_are_delivered_in_cmd_sn_order_and_out_of_window_ignored() {
 fn nop_ping_and_timeout() {
     let mut conn = logged_in(&[]);
     let t0 = Instant::now();
-    conn.handle_pdu(pdu(NopOut { itt: 3, ttt: RESERVED_TAG, cmd_sn: 10, immediate: true, ..Default::default() }.to_bhs(), b"ping"), t0);
+    conn.handle_pdu(
+        pdu(
+            NopOut {
+                itt: 3,
+                ttt: RESERVED_TAG,
+                cmd_sn: 10,
+                immediate: true,
+                ..Default::default()
+            }
+            .to_bhs(),
+            b"ping",
+        ),
+        t0,
+    );
     let out = sent(&mut conn);
-    let Header::NopIn(n) = &out[0].0 else { panic!() };
+    let Header::NopIn(n) = &out[0].0 else {
+        panic!()
+    };
     assert_eq!((n.itt, &out[0].1[..]), (3, &b"ping"[..]));
     let deadline = conn.poll_timeout().unwrap();
     conn.handle_timeout(deadline);
     let out = sent(&mut conn);
-    let Header::NopIn(ping) = &out[0].0 else { panic!() };
+    let Header::NopIn(ping) = &out[0].0 else {
+        panic!()
+    };
     assert_eq!(ping.itt, RESERVED_TAG);
     conn.handle_timeout(conn.poll_timeout().unwrap());
     assert!(matches!(conn.poll_event(), Some(Event::Close { .. })));
@@ -164,11 +257,22 @@ fn nop_ping_and_timeout() {
 #[test]
 fn unknown_target_fails_login() {
     let mut conn = TargetConnection::new(portal());
-    let offers = text(&[("InitiatorName", "iqn.x:y"), ("TargetName", "iqn.nope:none")]);
-    let login = LoginRequest { transit: true, csg: 0, nsg: 1, itt: 1, ..Default::default() };
+    let offers = text(&[
+        ("InitiatorName", "iqn.x:y"),
+        ("TargetName", "iqn.nope:none"),
+    ]);
+    let login = LoginRequest {
+        transit: true,
+        csg: 0,
+        nsg: 1,
+        itt: 1,
+        ..Default::default()
+    };
     conn.handle_pdu(pdu(login.to_bhs(), &offers), Instant::now());
     let out = sent(&mut conn);
-    let Header::LoginResponse(r) = &out[0].0 else { panic!() };
+    let Header::LoginResponse(r) = &out[0].0 else {
+        panic!()
+    };
     assert_eq!(r.status, LoginStatus::NOT_FOUND);
     assert!(matches!(conn.poll_event(), Some(Event::Close { .. })));
 }
@@ -176,9 +280,23 @@ fn unknown_target_fails_login() {
 #[test]
 fn logout_closes() {
     let mut conn = logged_in(&[]);
-    conn.handle_pdu(pdu(LogoutRequest { itt: 4, cmd_sn: 10, immediate: true, ..Default::default() }.to_bhs(), &[]), Instant::now());
+    conn.handle_pdu(
+        pdu(
+            LogoutRequest {
+                itt: 4,
+                cmd_sn: 10,
+                immediate: true,
+                ..Default::default()
+            }
+            .to_bhs(),
+            &[],
+        ),
+        Instant::now(),
+    );
     let out = sent(&mut conn);
-    let Header::LogoutResponse(r) = &out[0].0 else { panic!() };
+    let Header::LogoutResponse(r) = &out[0].0 else {
+        panic!()
+    };
     assert_eq!(r.response, LogoutResponseCode::CLOSED_SUCCESSFULLY);
     assert!(matches!(conn.poll_event(), Some(Event::Close { .. })));
 }
@@ -190,7 +308,9 @@ fn unknown_opcode_is_rejected() {
     bhs.0[0] = 0x1d;
     conn.handle_pdu(pdu(bhs, &[]), Instant::now());
     let out = sent(&mut conn);
-    let Header::Reject(r) = &out[0].0 else { panic!() };
+    let Header::Reject(r) = &out[0].0 else {
+        panic!()
+    };
     assert_eq!(r.reason, RejectReason::COMMAND_NOT_SUPPORTED);
     assert_eq!(&out[0].1[..1], &[0x1d]);
 }
