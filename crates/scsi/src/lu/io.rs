@@ -291,8 +291,9 @@ impl LogicalUnit {
             return Ok(Vec::new());
         }
         let (off, len) = (self.bytes(lba), self.bytes(count));
-        let all_zero = pattern.iter().all(|&b| b == 0);
-        if unmap && all_zero {
+        // With UNMAP set and LBPWS advertised the range is deallocated whatever the pattern
+        // (SBC-3 §5.43); reads then return zeros, as LBPRZ promises.
+        if unmap {
             if let Some(d) = self.backend.as_discard() {
                 return self
                     .with_stripes(off, len, false, || d.discard(off, len))
