@@ -25,7 +25,11 @@ pub struct PduReader<R> {
 
 impl<R: AsyncRead + Unpin> PduReader<R> {
     pub fn new(inner: R) -> Self {
-        PduReader { inner, buf: BytesMut::with_capacity(64 * 1024), decoder: FrameDecoder::default() }
+        PduReader {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+            decoder: FrameDecoder::default(),
+        }
     }
 
     pub fn set_limits(&mut self, limits: FrameLimits) {
@@ -51,7 +55,10 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
-                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a PDU"))
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed inside a PDU",
+                    ))
                 };
             }
         }
@@ -73,7 +80,13 @@ pub struct PduWriter<W> {
 
 impl<W: AsyncWrite + Unpin> PduWriter<W> {
     pub fn new(inner: W) -> Self {
-        PduWriter { inner, limits: FrameLimits::default(), scratch: BytesMut::new(), segments: Vec::new(), queued: 0 }
+        PduWriter {
+            inner,
+            limits: FrameLimits::default(),
+            scratch: BytesMut::new(),
+            segments: Vec::new(),
+            queued: 0,
+        }
     }
 
     /// Digests for PDUs queued from now on.
@@ -114,7 +127,11 @@ impl<W: AsyncWrite + Unpin> PduWriter<W> {
         }
         let mut first = 0;
         while first < self.segments.len() {
-            let slices: Vec<IoSlice<'_>> = self.segments[first..].iter().take(64).map(|b| IoSlice::new(b)).collect();
+            let slices: Vec<IoSlice<'_>> = self.segments[first..]
+                .iter()
+                .take(64)
+                .map(|b| IoSlice::new(b))
+                .collect();
             let mut n = self.inner.write_vectored(&slices).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());

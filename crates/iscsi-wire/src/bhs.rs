@@ -29,7 +29,13 @@ impl Default for Bhs {
 
 impl core::fmt::Debug for Bhs {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "Bhs({:?}, itt=0x{:08x}, dsl={})", self.opcode(), self.itt(), self.data_segment_len())
+        write!(
+            f,
+            "Bhs({:?}, itt=0x{:08x}, dsl={})",
+            self.opcode(),
+            self.itt(),
+            self.data_segment_len()
+        )
     }
 }
 

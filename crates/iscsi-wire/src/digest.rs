@@ -19,9 +19,18 @@ mod tests {
     #[test]
     fn rfc3720_vectors() {
         // RFC 3720 Appendix B.4: 32 bytes of zeros give aa 36 91 8a (sent little endian).
-        assert_eq!(super::crc32c(&[&[0u8; 32]]).to_le_bytes(), [0xaa, 0x36, 0x91, 0x8a]);
-        assert_eq!(super::crc32c(&[&[0xffu8; 32]]).to_le_bytes(), [0x43, 0xab, 0xa8, 0x62]);
+        assert_eq!(
+            super::crc32c(&[&[0u8; 32]]).to_le_bytes(),
+            [0xaa, 0x36, 0x91, 0x8a]
+        );
+        assert_eq!(
+            super::crc32c(&[&[0xffu8; 32]]).to_le_bytes(),
+            [0x43, 0xab, 0xa8, 0x62]
+        );
         let inc: Vec<u8> = (0..32).collect();
-        assert_eq!(super::crc32c(&[&inc]).to_le_bytes(), [0x4e, 0x79, 0xdd, 0x46]);
+        assert_eq!(
+            super::crc32c(&[&inc]).to_le_bytes(),
+            [0x4e, 0x79, 0xdd, 0x46]
+        );
     }
 }

@@ -24,7 +24,11 @@ pub struct FrameLimits {
 impl Default for FrameLimits {
     /// Login-phase limits: no digests, 8 KiB segments (RFC 7143 §13.12 default).
     fn default() -> Self {
-        FrameLimits { header_digest: false, data_digest: false, max_recv_data_segment_len: 8192 }
+        FrameLimits {
+            header_digest: false,
+            data_digest: false,
+            max_recv_data_segment_len: 8192,
+        }
     }
 }
 
@@ -100,8 +104,13 @@ impl FrameDecoder {
     }
 
     /// Removes one PDU from the front of `buf` if it is complete.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Result<RawPdu, PduError>>, FrameError> {
-        let Some(total) = self.next_pdu_len(buf) else { return Ok(None) };
+    pub fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Result<RawPdu, PduError>>, FrameError> {
+        let Some(total) = self.next_pdu_len(buf) else {
+            return Ok(None);
+        };
         if buf.len() < total {
             buf.reserve(total - buf.len());
             return Ok(None);
@@ -132,7 +141,11 @@ impl FrameDecoder {
         }
         if dsl > self.limits.max_recv_data_segment_len {
             let max = self.limits.max_recv_data_segment_len;
-            return Ok(Some(Err(PduError::DataSegmentTooLong { bhs, len: dsl, max })));
+            return Ok(Some(Err(PduError::DataSegmentTooLong {
+                bhs,
+                len: dsl,
+                max,
+            })));
         }
         Ok(Some(Ok(RawPdu { bhs, ahs, data })))
     }
@@ -144,7 +157,13 @@ fn read_le32(b: &[u8]) -> u32 {
 
 /// Appends the header part of a PDU (BHS, AHS, header digest) whose data segment is
 /// `data_len` bytes long. DataSegmentLength and TotalAHSLength are set here.
-pub fn encode_head(bhs: &Bhs, ahs: &[u8], data_len: usize, digests: FrameLimits, out: &mut Vec<u8>) {
+pub fn encode_head(
+    bhs: &Bhs,
+    ahs: &[u8],
+    data_len: usize,
+    digests: FrameLimits,
+    out: &mut Vec<u8>,
+) {
     let mut bhs = *bhs;
     bhs.set_data_segment_len(data_len as u32);
     bhs.set_total_ahs_words((ahs.len() / 4) as u8);
@@ -182,13 +201,21 @@ mod tests {
     use proptest::prelude::*;
 
     fn limits(hd: bool, dd: bool) -> FrameLimits {
-        FrameLimits { header_digest: hd, data_digest: dd, max_recv_data_segment_len: 1 << 20 }
+        FrameLimits {
+            header_digest: hd,
+            data_digest: dd,
+            max_recv_data_segment_len: 1 << 20,
+        }
     }
 
     #[test]
     fn partial_input_waits() {
         let mut out = Vec::new();
-        let h = NopOut { itt: 5, ..Default::default() }.to_bhs();
+        let h = NopOut {
+            itt: 5,
+            ..Default::default()
+        }
+        .to_bhs();
         encode_pdu(&h, &[], b"hello", limits(true, true), &mut out);
         let mut dec = FrameDecoder::new(limits(true, true));
         for cut in 0..out.len() {
@@ -204,31 +231,56 @@ mod tests {
     #[test]
     fn corrupted_data_digest_is_an_item() {
         let mut out = Vec::new();
-        encode_pdu(&NopOut::default().to_bhs(), &[], b"abcd", limits(false, true), &mut out);
+        encode_pdu(
+            &NopOut::default().to_bhs(),
+            &[],
+            b"abcd",
+            limits(false, true),
+            &mut out,
+        );
         out[48] ^= 1;
         let mut buf = BytesMut::from(&out[..]);
         let mut dec = FrameDecoder::new(limits(false, true));
-        assert!(matches!(dec.decode(&mut buf), Ok(Some(Err(PduError::DataDigest { .. })))));
-        assert!(buf.is_empty(), "the bad PDU is consumed so the stream stays in sync");
+        assert!(matches!(
+            dec.decode(&mut buf),
+            Ok(Some(Err(PduError::DataDigest { .. })))
+        ));
+        assert!(
+            buf.is_empty(),
+            "the bad PDU is consumed so the stream stays in sync"
+        );
     }
 
     #[test]
     fn corrupted_header_digest_loses_framing() {
         let mut out = Vec::new();
-        encode_pdu(&NopOut::default().to_bhs(), &[], &[], limits(true, false), &mut out);
+        encode_pdu(
+            &NopOut::default().to_bhs(),
+            &[],
+            &[],
+            limits(true, false),
+            &mut out,
+        );
         out[3] ^= 1;
         let mut buf = BytesMut::from(&out[..]);
-        assert_eq!(FrameDecoder::new(limits(true, false)).decode(&mut buf), Err(FrameError::HeaderDigest));
+        assert_eq!(
+            FrameDecoder::new(limits(true, false)).decode(&mut buf),
+            Err(FrameError::HeaderDigest)
+        );
     }
 
     fn any_header() -> impl Strategy<Value = Bhs> {
-        (proptest::array::uniform32(any::<u8>()), proptest::array::uniform16(any::<u8>())).prop_map(|(a, b)| {
-            let mut bhs = Bhs::default();
-            bhs.0[..32].copy_from_slice(&a);
-            bhs.0[32..].copy_from_slice(&b);
-            bhs.0[4] = 0;
-            bhs
-        })
+        (
+            proptest::array::uniform32(any::<u8>()),
+            proptest::array::uniform16(any::<u8>()),
+        )
+            .prop_map(|(a, b)| {
+                let mut bhs = Bhs::default();
+                bhs.0[..32].copy_from_slice(&a);
+                bhs.0[32..].copy_from_slice(&b);
+                bhs.0[4] = 0;
+                bhs
+            })
     }
 
     proptest! {

@@ -173,10 +173,8 @@ impl ScsiCommand {
         }
     }
     pub fn to_bhs(&self) -> Bhs {
-        let flags = flag(self.final_, F)
-            | flag(self.read, 0x40)
-            | flag(self.write, 0x20)
-            | (self.attr & 7);
+        let flags =
+            flag(self.final_, F) | flag(self.read, 0x40) | flag(self.write, 0x20) | (self.attr & 7);
         let mut b = new_bhs(Opcode::SCSI_COMMAND, self.immediate, flags);
         b.put_u64(at::LUN, self.lun);
         b.put_u32(at::ITT, self.itt);
@@ -276,7 +274,11 @@ impl TaskMgmtRequest {
         }
     }
     pub fn to_bhs(&self) -> Bhs {
-        let mut b = new_bhs(Opcode::TASK_MGMT_REQUEST, self.immediate, F | (self.function.0 & 0x7f));
+        let mut b = new_bhs(
+            Opcode::TASK_MGMT_REQUEST,
+            self.immediate,
+            F | (self.function.0 & 0x7f),
+        );
         b.put_u64(at::LUN, self.lun);
         b.put_u32(at::ITT, self.itt);
         b.put_u32(at::W20, self.referenced_task_tag);
@@ -715,7 +717,11 @@ impl LogoutRequest {
         }
     }
     pub fn to_bhs(&self) -> Bhs {
-        let mut b = new_bhs(Opcode::LOGOUT_REQUEST, self.immediate, F | (self.reason.0 & 0x7f));
+        let mut b = new_bhs(
+            Opcode::LOGOUT_REQUEST,
+            self.immediate,
+            F | (self.reason.0 & 0x7f),
+        );
         b.put_u32(at::ITT, self.itt);
         b.put_u16(at::W20, self.cid);
         b.put_u32(at::W24, self.cmd_sn);
@@ -935,7 +941,10 @@ pub mod ahs {
             if len == 0 || padded > area.len() {
                 return Err(WireError::BadAhs);
             }
-            out.push(Ahs { ahs_type, specific: &area[3..total] });
+            out.push(Ahs {
+                ahs_type,
+                specific: &area[3..total],
+            });
             area = &area[padded..];
         }
         Ok(out)
@@ -994,7 +1003,10 @@ mod tests {
     fn unknown_opcode_is_an_error_not_a_panic() {
         let mut b = Bhs::default();
         b.0[0] = 0x1c;
-        assert_eq!(Header::parse(&b), Err(WireError::UnknownOpcode(Opcode(0x1c))));
+        assert_eq!(
+            Header::parse(&b),
+            Err(WireError::UnknownOpcode(Opcode(0x1c)))
+        );
     }
 
     #[test]

@@ -56,7 +56,9 @@ pub struct ChapConfig {
 
 impl std::fmt::Debug for ChapConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChapConfig").field("user", &self.user).finish_non_exhaustive()
+        f.debug_struct("ChapConfig")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
     }
 }
 
@@ -66,12 +68,27 @@ impl ChapConfig {
         let secret = match (&self.secret, &self.secret_file, &self.secret_env) {
             (Some(s), None, None) => s.clone(),
             (None, Some(p), None) => std::fs::read_to_string(p)
-                .map_err(|e| format!("CHAP secret file {} for user {}: {e}", p.display(), self.user))?
+                .map_err(|e| {
+                    format!(
+                        "CHAP secret file {} for user {}: {e}",
+                        p.display(),
+                        self.user
+                    )
+                })?
                 .trim_end_matches(['\n', '\r'])
                 .to_string(),
-            (None, None, Some(var)) => std::env::var(var)
-                .map_err(|_| format!("CHAP secret for user {}: environment variable {var} is not set", self.user))?,
-            _ => return Err(format!("CHAP user {}: give exactly one of secret, secret_file, secret_env", self.user)),
+            (None, None, Some(var)) => std::env::var(var).map_err(|_| {
+                format!(
+                    "CHAP secret for user {}: environment variable {var} is not set",
+                    self.user
+                )
+            })?,
+            _ => {
+                return Err(format!(
+                    "CHAP user {}: give exactly one of secret, secret_file, secret_env",
+                    self.user
+                ))
+            }
         };
         if secret.is_empty() {
             return Err(format!("CHAP user {}: the secret is empty", self.user));
@@ -81,11 +98,18 @@ impl ChapConfig {
 
     /// Parses `USER:SECRET` (a flag value).
     pub fn from_flag(s: &str) -> Result<Self, String> {
-        let (user, secret) = s.split_once(':').ok_or_else(|| "CHAP credentials must be USER:SECRET".to_string())?;
+        let (user, secret) = s
+            .split_once(':')
+            .ok_or_else(|| "CHAP credentials must be USER:SECRET".to_string())?;
         if user.is_empty() {
             return Err("CHAP credentials must be USER:SECRET (the user is empty)".into());
         }
-        Ok(ChapConfig { user: user.into(), secret: Some(secret.into()), secret_file: None, secret_env: None })
+        Ok(ChapConfig {
+            user: user.into(),
+            secret: Some(secret.into()),
+            secret_file: None,
+            secret_env: None,
+        })
     }
 }
 
@@ -113,9 +137,21 @@ pub struct LunConfig {
 impl LunConfig {
     /// Parses a `--lun ID=BACKEND` flag, e.g. `0=mem:1GiB` or `1=file:/var/lib/disk.img`.
     pub fn from_flag(s: &str) -> Result<Self, String> {
-        let (id, backend) = s.split_once('=').ok_or_else(|| format!("--lun {s}: expected ID=BACKEND, e.g. 0=mem:1GiB"))?;
-        let id = id.parse().map_err(|_| format!("--lun {s}: LUN id {id:?} is not a number"))?;
-        let lun = LunConfig { id, backend: backend.into(), read_only: false, direct: false, block_size: None, serial: None, size: None };
+        let (id, backend) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--lun {s}: expected ID=BACKEND, e.g. 0=mem:1GiB"))?;
+        let id = id
+            .parse()
+            .map_err(|_| format!("--lun {s}: LUN id {id:?} is not a number"))?;
+        let lun = LunConfig {
+            id,
+            backend: backend.into(),
+            read_only: false,
+            direct: false,
+            block_size: None,
+            serial: None,
+            size: None,
+        };
         lun.spec()?;
         Ok(lun)
     }
@@ -136,7 +172,9 @@ impl FromStr for BackendSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.split_once(':') {
-            Some(("mem", size)) => Ok(BackendSpec::Memory { size: parse_size(size)? }),
+            Some(("mem", size)) => Ok(BackendSpec::Memory {
+                size: parse_size(size)?,
+            }),
             Some(("file", path)) if !path.is_empty() => Ok(BackendSpec::File { path: path.into() }),
             _ => Err(format!("back-end {s:?}: expected mem:SIZE or file:PATH")),
         }
@@ -148,7 +186,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("size {s:?} is not a number with an optional unit"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?} is not a number with an optional unit"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" | "kb" => 1 << 10,
@@ -157,7 +197,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tib" | "tb" => 1 << 40,
         other => return Err(format!("size {s:?}: unknown unit {other:?}")),
     };
-    let bytes = n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))?;
     if bytes == 0 {
         return Err(format!("size {s:?} must not be zero"));
     }
@@ -217,7 +259,10 @@ impl TargetConfig {
         let mut names = std::collections::HashSet::new();
         for t in &self.targets {
             if !valid_iscsi_name(&t.iqn) {
-                return Err(format!("target name {:?} is not an iqn., eui. or naa. name", t.iqn));
+                return Err(format!(
+                    "target name {:?} is not an iqn., eui. or naa. name",
+                    t.iqn
+                ));
             }
             if !names.insert(t.iqn.to_ascii_lowercase()) {
                 return Err(format!("target {} is defined twice", t.iqn));
@@ -228,34 +273,53 @@ impl TargetConfig {
             let mut ids = std::collections::HashSet::new();
             for l in &t.luns {
                 if l.id >= 16384 {
-                    return Err(format!("target {}: LUN {} is out of range (0..16383)", t.iqn, l.id));
+                    return Err(format!(
+                        "target {}: LUN {} is out of range (0..16383)",
+                        t.iqn, l.id
+                    ));
                 }
                 if !ids.insert(l.id) {
                     return Err(format!("target {}: LUN {} is defined twice", t.iqn, l.id));
                 }
-                l.spec().map_err(|e| format!("target {} LUN {}: {e}", t.iqn, l.id))?;
+                l.spec()
+                    .map_err(|e| format!("target {} LUN {}: {e}", t.iqn, l.id))?;
                 if let Some(bs) = l.block_size {
                     if bs != 512 && bs != 4096 {
-                        return Err(format!("target {} LUN {}: block size must be 512 or 4096", t.iqn, l.id));
+                        return Err(format!(
+                            "target {} LUN {}: block size must be 512 or 4096",
+                            t.iqn, l.id
+                        ));
                     }
                 }
             }
-            for c in t.chap.iter().chain(&t.mutual_chap).chain(&self.discovery_chap) {
+            for c in t
+                .chap
+                .iter()
+                .chain(&t.mutual_chap)
+                .chain(&self.discovery_chap)
+            {
                 c.resolve_secret()?;
             }
             if t.mutual_chap.is_some() && t.chap.is_empty() {
-                return Err(format!("target {}: mutual CHAP needs initiator CHAP too (--chap)", t.iqn));
+                return Err(format!(
+                    "target {}: mutual CHAP needs initiator CHAP too (--chap)",
+                    t.iqn
+                ));
             }
         }
         let l = &self.limits;
         if !(512..=16_777_215).contains(&l.max_recv_data_segment_length) {
             return Err("max_recv_data_segment_length must be within 512..16777215".into());
         }
-        if !(512..=16_777_215).contains(&l.max_burst_length) || !(512..=l.max_burst_length).contains(&l.first_burst_length) {
+        if !(512..=16_777_215).contains(&l.max_burst_length)
+            || !(512..=l.max_burst_length).contains(&l.first_burst_length)
+        {
             return Err("burst lengths must be within 512..16777215 and first_burst_length <= max_burst_length".into());
         }
         if l.max_outstanding_r2t == 0 || l.command_window == 0 || l.command_window > 4096 {
-            return Err("max_outstanding_r2t must be >= 1 and command_window within 1..4096".into());
+            return Err(
+                "max_outstanding_r2t must be >= 1 and command_window within 1..4096".into(),
+            );
         }
         Ok(())
     }
@@ -266,7 +330,9 @@ pub fn valid_iscsi_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     name.len() <= 223
         && (lower.starts_with("iqn.") || lower.starts_with("eui.") || lower.starts_with("naa."))
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
 }
 
 #[cfg(test)]
@@ -285,7 +351,12 @@ mod tests {
     #[test]
     fn lun_flags() {
         let l = LunConfig::from_flag("1=file:/tmp/x.img").unwrap();
-        assert_eq!(l.spec(), Ok(BackendSpec::File { path: "/tmp/x.img".into() }));
+        assert_eq!(
+            l.spec(),
+            Ok(BackendSpec::File {
+                path: "/tmp/x.img".into()
+            })
+        );
         assert!(LunConfig::from_flag("x=mem:1G").is_err());
         assert!(LunConfig::from_flag("0=nbd:foo").is_err());
     }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use iscsi_net::{PduReader, PduWriter};
 use iscsi_proto::keys::SessionType;
 use iscsi_proto::target::{Command, Event, TargetConnection, TmfRequest};
 use iscsi_wire::{Status, TmfFunction, TmfResponse};
-use iscsi_net::{PduReader, PduWriter};
 use scsi::{ItNexus, LunMap};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
@@ -27,7 +27,12 @@ struct Session {
     luns: Option<Arc<LunMap>>,
 }
 
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let (rd, wr) = stream.into_split();
     let mut reader = PduReader::new(rd);
     let mut writer = PduWriter::new(wr);
@@ -38,7 +43,9 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
 
     'outer: loop {
         let deadline = conn.poll_timeout();
-        let ended = session.as_ref().map_or(never.clone(), |s| s.placement.end.clone());
+        let ended = session
+            .as_ref()
+            .map_or(never.clone(), |s| s.placement.end.clone());
         tokio::select! {
             item = reader.next() => match item {
                 Ok(Some(pdu)) => {
@@ -96,7 +103,11 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
     if let Some(s) = session {
-        let current = shared.sessions.lock().map(|mut t| t.remove(&s.placement.key, s.placement.generation)).unwrap_or(false);
+        let current = shared
+            .sessions
+            .lock()
+            .map(|mut t| t.remove(&s.placement.key, s.placement.generation))
+            .unwrap_or(false);
         // A reinstated session's nexus lives on in its successor: no nexus loss to report.
         if current {
             if let Some(luns) = &s.luns {
@@ -133,15 +144,24 @@ fn drive(
         while let Some(out) = conn.poll_transmit() {
             writer.queue(&out.bhs, out.data);
         }
-        let Some(event) = conn.poll_event() else { return true };
+        let Some(event) = conn.poll_event() else {
+            return true;
+        };
         match event {
             Event::SessionRequested(req) => {
-                let placed = shared.sessions.lock().map_err(|_| iscsi_wire::LoginStatus::TARGET_ERROR).and_then(|mut t| t.place(&req));
+                let placed = shared
+                    .sessions
+                    .lock()
+                    .map_err(|_| iscsi_wire::LoginStatus::TARGET_ERROR)
+                    .and_then(|mut t| t.place(&req));
                 match placed {
                     Ok(placement) => {
                         let target = req.target_name.clone().unwrap_or_default();
                         let nexus = ItNexus {
-                            initiator_port: format!("{},i,0x{:012x}", req.initiator_name, req.isid.0),
+                            initiator_port: format!(
+                                "{},i,0x{:012x}",
+                                req.initiator_name, req.isid.0
+                            ),
                             target_port: format!("{},t,0x{:04x}", target, shared.portal_group_tag),
                             relative_target_port: shared.portal_group_tag,
                         };
@@ -155,7 +175,11 @@ fn drive(
                             kind = ?req.session_type, "login complete"
                         );
                         conn.accept_session(placement.tsih);
-                        *session = Some(Session { placement, nexus, luns });
+                        *session = Some(Session {
+                            placement,
+                            nexus,
+                            luns,
+                        });
                     }
                     Err(status) => conn.refuse_session(status),
                 }
@@ -200,12 +224,20 @@ fn execute(conn: &mut TargetConnection, session: Option<&Session>, cmd: Command)
     };
     let lun = scsi::lun::decode(cmd.raw_lun);
     let write_len = if cmd.write {
-        luns.get(lun).and_then(|lu| lu.expected_data_out_len(&cmd.cdb)).map(|n| n.min(u32::MAX as usize) as u32)
+        luns.get(lun)
+            .and_then(|lu| lu.expected_data_out_len(&cmd.cdb))
+            .map(|n| n.min(u32::MAX as usize) as u32)
     } else {
         None
     };
     let resp = luns.execute(nexus, lun, &cmd.cdb, &cmd.data_out);
-    conn.complete(cmd.itt, Status(resp.status.0), &resp.sense, Bytes::from(resp.data), write_len);
+    conn.complete(
+        cmd.itt,
+        Status(resp.status.0),
+        &resp.sense,
+        Bytes::from(resp.data),
+        write_len,
+    );
 }
 
 fn task_management(conn: &mut TargetConnection, session: Option<&Session>, tmf: TmfRequest) {

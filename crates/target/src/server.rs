@@ -24,9 +24,16 @@ pub enum TargetError {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("LUN {lun} of {target}: {source}")]
-    Backend { target: String, lun: u64, source: std::io::Error },
+    Backend {
+        target: String,
+        lun: u64,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// State shared by every connection of the target.
@@ -57,9 +64,16 @@ impl Target {
         for (t_index, t) in config.targets.iter().enumerate() {
             let mut map = LunMap::new();
             for l in &t.luns {
-                let backend = open_backend(l).map_err(|source| TargetError::Backend { target: t.iqn.clone(), lun: l.id, source })?;
+                let backend = open_backend(l).map_err(|source| TargetError::Backend {
+                    target: t.iqn.clone(),
+                    lun: l.id,
+                    source,
+                })?;
                 let lu_config = LuConfig {
-                    serial: l.serial.clone().unwrap_or_else(|| format!("viscsi{:03}{:05}", t_index, l.id)),
+                    serial: l
+                        .serial
+                        .clone()
+                        .unwrap_or_else(|| format!("viscsi{:03}{:05}", t_index, l.id)),
                     naa_id: naa_id(&t.iqn, l.id),
                     block_size: l.block_size.unwrap_or(512),
                     thin_provisioning: backend.as_discard().is_some(),
@@ -76,10 +90,18 @@ impl Target {
     pub async fn serve(self) -> Result<RunningTarget, TargetError> {
         let mut listeners = Vec::new();
         for addr in &self.config.portals {
-            let l = TcpListener::bind(addr).await.map_err(|source| TargetError::Listen { addr: *addr, source })?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| TargetError::Listen {
+                    addr: *addr,
+                    source,
+                })?;
             listeners.push(l);
         }
-        let local_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let local_addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
         let portal = portal_config(&self.config, &local_addrs)?;
         let shared = Arc::new(Shared {
             portal: Arc::new(portal),
@@ -94,7 +116,12 @@ impl Target {
             let stop = stop_rx.clone();
             tasks.spawn(accept_loop(listener, shared, stop));
         }
-        Ok(RunningTarget { local_addrs, stop: stop_tx, tasks, shared })
+        Ok(RunningTarget {
+            local_addrs,
+            stop: stop_tx,
+            tasks,
+            shared,
+        })
     }
 }
 
@@ -165,7 +192,11 @@ fn open_backend(l: &LunConfig) -> std::io::Result<Arc<dyn BlockBackend>> {
                 Some(s) => Some(crate::config::parse_size(s).map_err(std::io::Error::other)?),
                 None => None,
             };
-            let opts = FileOptions { direct: l.direct, read_only: l.read_only, create_len };
+            let opts = FileOptions {
+                direct: l.direct,
+                read_only: l.read_only,
+                create_len,
+            };
             shared(FileBackend::open(&path, opts)?, l.read_only)
         }
     })
@@ -185,24 +216,43 @@ fn naa_id(iqn: &str, lun: u64) -> u64 {
 
 fn credentials(c: &ChapConfig) -> Result<Credentials, TargetError> {
     let secret = c.resolve_secret().map_err(TargetError::Config)?;
-    Ok(Credentials { user: c.user.clone(), secret: Secret::new(secret) })
+    Ok(Credentials {
+        user: c.user.clone(),
+        secret: Secret::new(secret),
+    })
 }
 
 fn portal_config(config: &TargetConfig, local: &[SocketAddr]) -> Result<PortalConfig, TargetError> {
     let mut targets = Vec::new();
     for t in &config.targets {
-        let initiators = t.chap.iter().map(credentials).collect::<Result<Vec<_>, _>>()?;
+        let initiators = t
+            .chap
+            .iter()
+            .map(credentials)
+            .collect::<Result<Vec<_>, _>>()?;
         let target = t.mutual_chap.as_ref().map(credentials).transpose()?;
         targets.push(TargetEntry {
             name: t.iqn.clone(),
             alias: t.alias.clone(),
-            auth: AuthPolicy { initiators, target, algorithms: Vec::new() },
+            auth: AuthPolicy {
+                initiators,
+                target,
+                algorithms: Vec::new(),
+            },
             allowed_initiators: t.allowed_initiators.clone(),
         });
     }
-    let discovery = config.discovery_chap.iter().map(credentials).collect::<Result<Vec<_>, _>>()?;
+    let discovery = config
+        .discovery_chap
+        .iter()
+        .map(credentials)
+        .collect::<Result<Vec<_>, _>>()?;
     let l = &config.limits;
-    let digests = if l.digests { vec![Digest::None, Digest::Crc32c] } else { vec![Digest::None] };
+    let digests = if l.digests {
+        vec![Digest::None, Digest::Crc32c]
+    } else {
+        vec![Digest::None]
+    };
     let negotiation = NegotiationConfig {
         header_digest: digests.clone(),
         data_digest: digests,
@@ -224,12 +274,17 @@ fn portal_config(config: &TargetConfig, local: &[SocketAddr]) -> Result<PortalCo
         .collect();
     Ok(PortalConfig {
         targets,
-        discovery_auth: AuthPolicy { initiators: discovery, target: None, algorithms: Vec::new() },
+        discovery_auth: AuthPolicy {
+            initiators: discovery,
+            target: None,
+            algorithms: Vec::new(),
+        },
         negotiation,
         portal_group_tag: 1,
         addresses,
         command_window: l.command_window,
-        nop_in_interval: (l.nop_in_interval_secs > 0).then(|| Duration::from_secs(l.nop_in_interval_secs)),
+        nop_in_interval: (l.nop_in_interval_secs > 0)
+            .then(|| Duration::from_secs(l.nop_in_interval_secs)),
         nop_in_timeout: Duration::from_secs(l.nop_in_timeout_secs.max(1)),
     })
 }

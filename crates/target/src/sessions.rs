@@ -24,7 +24,11 @@ impl SessionKey {
         SessionKey {
             initiator: req.initiator_name.to_ascii_lowercase(),
             isid: req.isid.0,
-            target: req.target_name.as_deref().unwrap_or("").to_ascii_lowercase(),
+            target: req
+                .target_name
+                .as_deref()
+                .unwrap_or("")
+                .to_ascii_lowercase(),
         }
     }
 }
@@ -58,7 +62,11 @@ impl SessionTable {
         if req.tsih != 0 {
             // Adding a connection to a session: MaxConnections is 1 and ERL is 0.
             let exists = self.sessions.get(&key).is_some_and(|e| e.tsih == req.tsih);
-            return Err(if exists { LoginStatus::CANT_INCLUDE_IN_SESSION } else { LoginStatus::SESSION_DOES_NOT_EXIST });
+            return Err(if exists {
+                LoginStatus::CANT_INCLUDE_IN_SESSION
+            } else {
+                LoginStatus::SESSION_DOES_NOT_EXIST
+            });
         }
         if self.sessions.len() >= usize::from(u16::MAX) - 1 {
             return Err(LoginStatus::OUT_OF_RESOURCES);
@@ -74,8 +82,21 @@ impl SessionTable {
         self.next_generation += 1;
         let generation = self.next_generation;
         let end = Arc::new(Notify::new());
-        self.sessions.insert(key.clone(), Entry { tsih, generation, end: end.clone() });
-        Ok(Placement { key, tsih, generation, end, reinstated_older })
+        self.sessions.insert(
+            key.clone(),
+            Entry {
+                tsih,
+                generation,
+                end: end.clone(),
+            },
+        );
+        Ok(Placement {
+            key,
+            tsih,
+            generation,
+            end,
+            reinstated_older,
+        })
     }
 
     /// Removes a session that ended. Returns false if a newer session took its place.

@@ -69,7 +69,12 @@ const DEFAULT_PORTAL: &str = "127.0.0.1:3260";
 
 fn chap_from_file_flag(s: &str) -> Result<ChapConfig, String> {
     let (user, path) = s.split_once(':').ok_or("expected USER:PATH")?;
-    Ok(ChapConfig { user: user.into(), secret: None, secret_file: Some(path.into()), secret_env: None })
+    Ok(ChapConfig {
+        user: user.into(),
+        secret: None,
+        secret_file: Some(path.into()),
+        secret_env: None,
+    })
 }
 
 impl TryFrom<TargetArgs> for TargetConfig {
@@ -77,7 +82,12 @@ impl TryFrom<TargetArgs> for TargetConfig {
     fn try_from(a: TargetArgs) -> Result<Self, String> {
         let mut cfg = match &a.config {
             Some(p) => TargetConfig::from_file(p)?,
-            None => TargetConfig { portals: Vec::new(), targets: Vec::new(), discovery_chap: Vec::new(), limits: Limits::default() },
+            None => TargetConfig {
+                portals: Vec::new(),
+                targets: Vec::new(),
+                discovery_chap: Vec::new(),
+                limits: Limits::default(),
+            },
         };
         if !a.portals.is_empty() {
             cfg.portals = a.portals;
@@ -86,7 +96,11 @@ impl TryFrom<TargetArgs> for TargetConfig {
         chap.extend(a.chap_file);
         let flag_target = a.iqn.is_some() || !a.luns.is_empty();
         if flag_target || cfg.targets.is_empty() {
-            let luns = if a.luns.is_empty() { vec![LunConfig::from_flag("0=mem:1GiB")?] } else { a.luns };
+            let luns = if a.luns.is_empty() {
+                vec![LunConfig::from_flag("0=mem:1GiB")?]
+            } else {
+                a.luns
+            };
             cfg.targets.push(TargetDef {
                 iqn: a.iqn.unwrap_or_else(|| DEFAULT_IQN.into()),
                 alias: None,
@@ -96,10 +110,14 @@ impl TryFrom<TargetArgs> for TargetConfig {
                 allowed_initiators: a.allow_initiators,
             });
         } else if !chap.is_empty() || a.mutual_chap.is_some() || !a.allow_initiators.is_empty() {
-            return Err("--chap, --mutual-chap and --allow-initiator apply to the --iqn target; give --iqn".into());
+            return Err(
+                "--chap, --mutual-chap and --allow-initiator apply to the --iqn target; give --iqn"
+                    .into(),
+            );
         }
         if cfg.portals.is_empty() {
-            cfg.portals.push(DEFAULT_PORTAL.parse().map_err(|_| "bad default portal")?);
+            cfg.portals
+                .push(DEFAULT_PORTAL.parse().map_err(|_| "bad default portal")?);
         }
         cfg.discovery_chap.extend(a.discovery_chap);
         if a.no_digests {
@@ -118,8 +136,14 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("viscsi: cannot start the runtime: {e}");
@@ -141,7 +165,11 @@ fn main() -> ExitCode {
 async fn run_target(args: TargetArgs) -> Result<(), String> {
     let config = TargetConfig::try_from(args)?;
     let names: Vec<String> = config.targets.iter().map(|t| t.iqn.clone()).collect();
-    let running = Target::build(config).map_err(|e| e.to_string())?.serve().await.map_err(|e| e.to_string())?;
+    let running = Target::build(config)
+        .map_err(|e| e.to_string())?
+        .serve()
+        .await
+        .map_err(|e| e.to_string())?;
     for addr in running.local_addrs() {
         tracing::info!(portal = %addr, targets = ?names, "viscsi target listening");
     }
@@ -153,7 +181,10 @@ async fn run_target(args: TargetArgs) -> Result<(), String> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
