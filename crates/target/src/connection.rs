@@ -120,7 +120,7 @@ pub(crate) async fn serve(
         }
         tracing::info!(%peer, initiator = %s.nexus.initiator_port, tsih = s.placement.tsih, reason = %end_reason, "session ended");
     } else {
-        tracing::debug!(%peer, reason = %end_reason, "connection ended before login completed");
+        tracing::info!(%peer, reason = %end_reason, "connection ended before login completed");
     }
 }
 

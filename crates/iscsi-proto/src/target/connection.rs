@@ -420,7 +420,7 @@ impl TargetConnection {
             LoginOutcome::Fail(status) => {
                 let csg = Stage::from_bits(req.csg).unwrap_or(Stage::SecurityNegotiation);
                 self.send_login_response(false, csg, csg, status, Vec::new());
-                self.close("login failed");
+                self.close(&format!("login failed with status {status:?}"));
             }
             LoginOutcome::Complete {
                 csg,

@@ -147,9 +147,14 @@ impl TargetLogin {
         let offers = keys::parse_text(&text).map_err(|_| LoginStatus::INITIATOR_ERROR)?;
 
         let mut answers: Vec<(String, String)> = Vec::new();
-        if self.initiator_name.is_none() {
+        let offers = if self.initiator_name.is_none() {
             self.identify(&offers, config, &mut answers)?;
-        }
+            offers
+        } else {
+            // Some initiators (libiscsi) repeat their identity in every stage: accept an
+            // unchanged repeat, refuse a change.
+            self.drop_repeated_identity(offers)?
+        };
         let leading = req.tsih == 0;
         let response = self
             .negotiation
@@ -230,6 +235,34 @@ impl TargetLogin {
         }
         self.initiator_name = Some(initiator);
         Ok(())
+    }
+
+    fn drop_repeated_identity(
+        &self,
+        offers: Vec<(String, String)>,
+    ) -> Result<Vec<(String, String)>, LoginStatus> {
+        let mut kept = Vec::with_capacity(offers.len());
+        for (k, v) in offers {
+            let same = match k.as_str() {
+                "InitiatorName" => self
+                    .initiator_name
+                    .as_deref()
+                    .map(|n| n.eq_ignore_ascii_case(&v)),
+                "TargetName" => Some(
+                    self.target_name
+                        .as_deref()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(&v)),
+                ),
+                "SessionType" => Some(v == self.session_type.as_str()),
+                _ => None,
+            };
+            match same {
+                Some(true) => {}
+                Some(false) => return Err(LoginStatus::INITIATOR_ERROR),
+                None => kept.push((k, v)),
+            }
+        }
+        Ok(kept)
     }
 
     /// Security stage: AuthMethod and CHAP keys go to the CHAP engine, which answers

@@ -314,3 +314,47 @@ fn unknown_opcode_is_rejected() {
     assert_eq!(r.reason, RejectReason::COMMAND_NOT_SUPPORTED);
     assert_eq!(&out[0].1[..1], &[0x1d]);
 }
+
+#[test]
+fn discovery_login_that_offers_chap_and_repeats_its_name() {
+    // libiscsi's iscsi-ls with credentials against a discovery portal that needs none.
+    let mut conn = TargetConnection::new(portal());
+    let now = Instant::now();
+    let offers = text(&[
+        ("InitiatorName", "iqn.x:ls"),
+        ("SessionType", "Discovery"),
+        ("AuthMethod", "CHAP,None"),
+    ]);
+    let login = LoginRequest {
+        transit: true,
+        csg: 0,
+        nsg: 1,
+        itt: 1,
+        ..Default::default()
+    };
+    conn.handle_pdu(pdu(login.to_bhs(), &offers), now);
+    let out = sent(&mut conn);
+    let Header::LoginResponse(r) = &out[0].0 else {
+        panic!()
+    };
+    assert_eq!(r.status, LoginStatus::SUCCESS);
+    let offers = text(&[
+        ("InitiatorName", "iqn.x:ls"),
+        ("SessionType", "Discovery"),
+        ("HeaderDigest", "None"),
+        ("MaxRecvDataSegmentLength", "262144"),
+    ]);
+    let login = LoginRequest {
+        transit: true,
+        csg: 1,
+        nsg: 3,
+        itt: 1,
+        ..Default::default()
+    };
+    conn.handle_pdu(pdu(login.to_bhs(), &offers), now);
+    assert!(
+        matches!(conn.poll_event(), Some(Event::SessionRequested(_))),
+        "{:?}",
+        sent(&mut conn)
+    );
+}
