@@ -491,7 +491,20 @@ fn ordered_cmd_sn(h: &Header) -> Option<(bool, u32)> {
     }
 }
 
-/// Longest time a queue of out-of-order commands may hold (bounds memory per session).
+/// Fixed-format sense ABORTED COMMAND, DATA PHASE ERROR (4B/00): a broken Data-Out sequence.
+const DATA_PHASE_ERROR: [u8; 18] = [
+    0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, 0, 0, 0, 0, 0,
+];
+/// Fixed-format sense ILLEGAL REQUEST, INVALID FIELD IN CDB (24/00).
+const INVALID_FIELD_IN_CDB: [u8; 18] = [
+    0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0,
+];
+/// Largest write the target gathers in memory (well above any LU's maximum transfer).
+const MAX_WRITE_BUFFER: u32 = 256 << 20;
+/// What a write buffer starts with before Data-Out arrives.
+const INITIAL_WRITE_BUFFER: usize = 1 << 20;
+
+/// Most out-of-order commands a session may queue (bounds memory per session).
 const MAX_WAITING: usize = 1024;
 
 impl TargetConnection {
@@ -602,7 +615,13 @@ impl TargetConnection {
         } else {
             immediate_len
         };
-        let mut buf = BytesMut::with_capacity(edtl as usize);
+        if edtl > MAX_WRITE_BUFFER {
+            // Far beyond any LU's transfer limit: refuse before soliciting any data.
+            self.fail_task(cmd.itt, cmd.read, cmd.write, edtl, &INVALID_FIELD_IN_CDB);
+            return;
+        }
+        // Grown as Data-Out arrives: the header alone must not commit memory.
+        let mut buf = BytesMut::with_capacity((edtl as usize).min(INITIAL_WRITE_BUFFER));
         buf.extend_from_slice(&pdu.data);
         let task = WriteTask {
             cmd: command,
@@ -690,12 +709,9 @@ impl TargetConnection {
         if !in_range || !sequence_ok {
             // ERL 0 cannot recover a Data-Out sequence: fail the command, drop the rest of its data.
             if let Some(task) = self.writes.remove(&d.itt) {
-                self.fail_task(
-                    task.cmd.itt,
-                    task.cmd.read,
-                    task.cmd.write,
-                    task.cmd.expected_data_transfer_length,
-                );
+                let c = &task.cmd;
+                let edtl = c.expected_data_transfer_length;
+                self.fail_task(c.itt, c.read, c.write, edtl, &DATA_PHASE_ERROR);
             }
             return;
         }
@@ -732,25 +748,20 @@ impl TargetConnection {
         }
     }
 
-    /// A write whose Data-Out sequence broke: it ends with CHECK CONDITION, ABORTED COMMAND.
-    fn fail_task(&mut self, itt: u32, read: bool, write: bool, edtl: u32) {
-        self.executing.insert(
-            itt,
-            Executing {
-                read,
-                write,
-                raw_lun: 0,
-                expected_data_transfer_length: edtl,
-            },
-        );
-        // Fixed-format sense: ABORTED COMMAND, DATA PHASE ERROR (4B/00).
-        let sense = [
-            0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, 0x00, 0, 0, 0, 0,
-        ];
+    /// A command that cannot run ends with CHECK CONDITION and the given sense.
+    fn fail_task(&mut self, itt: u32, read: bool, write: bool, edtl: u32, sense: &[u8]) {
+        let expected_data_transfer_length = edtl;
+        let task = Executing {
+            read,
+            write,
+            raw_lun: 0,
+            expected_data_transfer_length,
+        };
+        self.executing.insert(itt, task);
         self.complete(
             itt,
             Status::CHECK_CONDITION,
-            &sense,
+            sense,
             Bytes::new(),
             Some(edtl),
         );
@@ -827,7 +838,10 @@ impl TargetConnection {
             exp_cmd_sn: self.exp_cmd_sn.0,
             max_cmd_sn: self.max_cmd_sn.0,
         };
-        self.push(resp.to_bhs(), pdu.data);
+        // The echo must fit the initiator's MaxRecvDataSegmentLength.
+        let max = self.params.max_xmit_data_segment_length as usize;
+        let data = pdu.data.slice(..pdu.data.len().min(max));
+        self.push(resp.to_bhs(), data);
     }
 
     fn handle_tmf(&mut self, t: TaskMgmtRequest) {
