@@ -141,9 +141,7 @@ fn drive(
     end_reason: &mut String,
 ) -> bool {
     loop {
-        while let Some(out) = conn.poll_transmit() {
-            writer.queue(&out.bhs, out.data);
-        }
+        queue_transmits(conn, writer);
         let Some(event) = conn.poll_event() else {
             return true;
         };
@@ -198,20 +196,26 @@ fn drive(
                         table.end_all();
                     }
                     *end_reason = "target cold reset".into();
-                    while let Some(out) = conn.poll_transmit() {
-                        writer.queue(&out.bhs, out.data);
-                    }
+                    queue_transmits(conn, writer);
                     return false;
                 }
             }
             Event::Close { reason } => {
                 *end_reason = reason;
-                while let Some(out) = conn.poll_transmit() {
-                    writer.queue(&out.bhs, out.data);
-                }
+                queue_transmits(conn, writer);
                 return false;
             }
         }
+    }
+}
+
+/// Moves every PDU the connection has ready into the writer's batch.
+fn queue_transmits(
+    conn: &mut TargetConnection,
+    writer: &mut PduWriter<tokio::net::tcp::OwnedWriteHalf>,
+) {
+    while let Some(out) = conn.poll_transmit() {
+        writer.queue(&out.bhs, out.data);
     }
 }
 
