@@ -14,12 +14,7 @@ use crate::serial::Sn;
 use super::config::PortalConfig;
 use super::login::{LoginOutcome, TargetLogin};
 
-/// A PDU ready to be framed: the driver adds lengths, padding and digests.
-#[derive(Clone, Debug)]
-pub struct OutPdu {
-    pub bhs: Bhs,
-    pub data: Bytes,
-}
+pub use crate::OutPdu;
 
 /// Login has finished on the wire: the driver must place the session (allocate a TSIH,
 /// reinstate an older session of the same initiator port) and answer with
