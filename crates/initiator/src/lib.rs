@@ -23,7 +23,7 @@ mod session;
 pub mod url;
 
 pub use commands::{Capacity, InquiryData};
-pub use discovery::{discover, DiscoveredTarget};
+pub use discovery::{discover, parse_send_targets, DiscoveredTarget};
 pub use error::Error;
 pub use iscsi_proto::chap::{ChapAlgorithm, Credentials};
 pub use iscsi_proto::initiator::{

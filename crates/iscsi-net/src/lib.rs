@@ -6,6 +6,7 @@
 //! segments are handed to `write_vectored` as they are.
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use bytes::{Bytes, BytesMut};
@@ -74,7 +75,9 @@ pub struct PduWriter<W> {
     inner: W,
     limits: FrameLimits,
     scratch: BytesMut,
-    segments: Vec<Bytes>,
+    /// Segments not yet written, front first. Written bytes leave at once, so an interrupted
+    /// flush resumes where it stopped.
+    segments: VecDeque<Bytes>,
     queued: usize,
 }
 
@@ -84,7 +87,7 @@ impl<W: AsyncWrite + Unpin> PduWriter<W> {
             inner,
             limits: FrameLimits::default(),
             scratch: BytesMut::new(),
-            segments: Vec::new(),
+            segments: VecDeque::new(),
             queued: 0,
         }
     }
@@ -109,25 +112,27 @@ impl<W: AsyncWrite + Unpin> PduWriter<W> {
             let mut tail = Vec::new();
             encode_tail(&data, self.limits, &mut tail);
             self.scratch.extend_from_slice(&tail);
+            self.queued += data.len() + tail.len();
         } else {
             let mut tail = Vec::with_capacity(8);
             encode_tail(&data, self.limits, &mut tail);
-            self.segments.push(self.scratch.split().freeze());
-            self.queued += data.len();
-            self.segments.push(data);
+            self.segments.push_back(self.scratch.split().freeze());
+            self.queued += data.len() + tail.len();
+            self.segments.push_back(data);
             self.scratch.extend_from_slice(&tail);
         }
         self.queued += head.len();
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued. Cancel-safe: if the future is dropped, what was not written
+    /// stays queued and the next `flush` continues with it.
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.scratch.is_empty() {
-            self.segments.push(self.scratch.split().freeze());
+            self.segments.push_back(self.scratch.split().freeze());
         }
-        let mut first = 0;
-        while first < self.segments.len() {
-            let slices: Vec<IoSlice<'_>> = self.segments[first..]
+        while !self.segments.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .segments
                 .iter()
                 .take(64)
                 .map(|b| IoSlice::new(b))
@@ -136,18 +141,20 @@ impl<W: AsyncWrite + Unpin> PduWriter<W> {
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
+            self.queued = self.queued.saturating_sub(n);
             while n > 0 {
-                let seg = &mut self.segments[first];
+                let Some(seg) = self.segments.front_mut() else {
+                    break;
+                };
                 if n >= seg.len() {
                     n -= seg.len();
-                    first += 1;
+                    self.segments.pop_front();
                 } else {
                     let _ = seg.split_to(n);
                     n = 0;
                 }
             }
         }
-        self.segments.clear();
         self.queued = 0;
         self.inner.flush().await
     }

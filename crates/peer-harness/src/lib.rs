@@ -21,6 +21,7 @@
 //! The peers are system packages; `scripts/install-peers` installs them.
 
 pub mod guest;
+pub mod netns;
 pub mod ports;
 pub mod process;
 pub mod target;

@@ -106,3 +106,18 @@ pub fn lease_tgtd_control_port() -> PortLease {
     }
     panic!("no free tgtd control port");
 }
+
+/// Leases a number in `low..low + count` under `kind` (e.g. network namespace slots).
+pub fn lease_number(kind: &str, low: u16, count: u16) -> PortLease {
+    let first = spread(u32::from(count));
+    for i in 0..u32::from(count) {
+        let number = low + ((first + i) % u32::from(count)) as u16;
+        if let Some(lock) = try_lock(kind, number) {
+            return PortLease {
+                number,
+                _lock: lock,
+            };
+        }
+    }
+    panic!("no free {kind} number in {low}..{}", low + count);
+}

@@ -323,19 +323,29 @@ impl Drop for Daemon {
 pub fn wait_for_listener(
     port: u16,
     timeout: Duration,
+    alive: impl FnMut() -> Result<(), String>,
+) -> Result<Duration, String> {
+    wait_for_listener_at(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        timeout,
+        alive,
+    )
+}
+
+/// [`wait_for_listener`] for any address.
+pub fn wait_for_listener_at(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
     mut alive: impl FnMut() -> Result<(), String>,
 ) -> Result<Duration, String> {
     let start = Instant::now();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     loop {
         alive()?;
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Ok(start.elapsed());
         }
         if start.elapsed() >= timeout {
-            return Err(format!(
-                "nothing listening on 127.0.0.1:{port} after {timeout:?}"
-            ));
+            return Err(format!("nothing listening on {addr} after {timeout:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

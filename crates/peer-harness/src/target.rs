@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::ports::{lease_tcp_port, lease_tgtd_control_port, PortLease};
-use crate::process::{run_with_timeout, wait_for_listener, Daemon};
+use crate::process::{run_with_timeout, wait_for_listener_at, Daemon};
 use crate::tempdir::TempDir;
 use crate::tools::require_tool;
 
@@ -104,6 +104,8 @@ pub struct TargetConfig {
     pub chap: Option<Chap>,
     /// Credential the target presents when the initiator asks (mutual CHAP).
     pub mutual_chap: Option<Chap>,
+    /// Run inside this network namespace, listening on this address (see [`crate::netns`]).
+    pub netns: Option<(String, String)>,
 }
 
 /// 1 MiB.
@@ -119,7 +121,14 @@ impl TargetConfig {
             luns: Vec::new(),
             chap: None,
             mutual_chap: None,
+            netns: None,
         }
+    }
+
+    /// Runs the target inside `ns`, listening on its inside address.
+    pub fn in_netns(mut self, ns: &crate::netns::NetNs) -> Self {
+        self.netns = Some((ns.name().to_string(), ns.inside_addr.clone()));
+        self
     }
 
     /// Adds a RAM-backed LUN of `bytes`.
@@ -242,7 +251,7 @@ impl RunningTarget {
             "viscsi binary {} does not exist",
             binary.display()
         );
-        let mut cmd = Command::new(binary);
+        let mut cmd = self.command_in_netns(binary);
         cmd.args(viscsi_args(&self.portal(), &self.config));
         // Hermetic: credentials come from the config only, never from the caller's environment.
         cmd.env_remove("VISCSI_CHAP")
@@ -259,8 +268,11 @@ impl RunningTarget {
     fn start_tgtd(&mut self) {
         let tgtd = require_tool("tgtd");
         require_tool("tgtadm");
-        let control = lease_tgtd_control_port();
-        let mut cmd = Command::new(tgtd);
+        let control = match self.tgt_control.take() {
+            Some(control) => control,
+            None => lease_tgtd_control_port(),
+        };
+        let mut cmd = self.command_in_netns(&tgtd);
         cmd.args(["-f", "-C", &control.get().to_string(), "--iscsi"])
             .arg(format!("portal={}", self.portal()));
         self.tgt_control = Some(control);
@@ -295,10 +307,17 @@ impl RunningTarget {
                         "{}-lun{index}.img",
                         self.dir.path().file_name().unwrap().to_string_lossy()
                     ));
-                    let file = std::fs::File::create(&path)
+                    // Kept (not truncated) across a restart: the LUN's data survives it.
+                    let file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&path)
                         .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
                     file.set_len(*bytes).expect("size tmpfs LUN file");
-                    self.scratch_files.push(path.clone());
+                    if !self.scratch_files.contains(&path) {
+                        self.scratch_files.push(path.clone());
+                    }
                     path
                 }
             };
@@ -397,12 +416,54 @@ impl RunningTarget {
         );
     }
 
+    fn command_in_netns(&self, program: &Path) -> Command {
+        match &self.config.netns {
+            Some((ns, _)) => {
+                let mut cmd = Command::new(require_tool("ip"));
+                cmd.args(["netns", "exec", ns]).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// SIGKILLs the target process (a crash: no logout, no FIN from a clean shutdown).
+    /// The port stays leased for [`restart`](Self::restart).
+    pub fn kill(&mut self) {
+        if let Some(daemon) = self.daemon.as_mut() {
+            daemon.kill();
+        }
+        if self.kind == TargetKind::Tgtd {
+            // Only now that it is dead: its control socket file may linger.
+            let control = self.tgt_control.as_ref().map(|c| c.get());
+            if let Some(c) = control {
+                let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{c}"));
+                let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{c}.lock"));
+            }
+        }
+    }
+
+    /// Starts the target again on the same port with the same configuration (memory LUNs of
+    /// tgtd keep their tmpfs files; use file LUNs for viscsi when data must survive).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.daemon = None;
+        self.lun_ids.clear();
+        match self.kind.clone() {
+            TargetKind::Viscsi { binary } => self.start_viscsi(&binary),
+            TargetKind::Tgtd => self.start_tgtd(),
+        }
+    }
+
     fn wait_until_listening(&mut self) {
         let port = self.port.get();
+        let host: std::net::IpAddr = self.host().parse().expect("target address");
         let daemon = self.daemon.as_mut().expect("daemon started");
-        let result = wait_for_listener(port, START_TIMEOUT, || match daemon.exit_status() {
-            Some(status) => Err(format!("{} exited early with {status}", daemon.name())),
-            None => Ok(()),
+        let result = wait_for_listener_at((host, port).into(), START_TIMEOUT, || {
+            match daemon.exit_status() {
+                Some(status) => Err(format!("{} exited early with {status}", daemon.name())),
+                None => Ok(()),
+            }
         });
         match result {
             Ok(elapsed) => self.startup = elapsed,
@@ -430,9 +491,17 @@ impl RunningTarget {
         self.port.get()
     }
 
-    /// `127.0.0.1:PORT`.
+    /// The address it listens on: 127.0.0.1, or its namespace's address.
+    pub fn host(&self) -> &str {
+        self.config
+            .netns
+            .as_ref()
+            .map_or("127.0.0.1", |(_, addr)| addr.as_str())
+    }
+
+    /// `HOST:PORT`.
     pub fn portal(&self) -> String {
-        format!("127.0.0.1:{}", self.port())
+        format!("{}:{}", self.host(), self.port())
     }
 
     /// Target IQN.

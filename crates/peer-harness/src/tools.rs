@@ -26,7 +26,9 @@ pub fn package_of(tool: &str) -> &'static str {
         "gzip" => "gzip",
         "apt-get" | "apt-cache" => "apt",
         "dpkg" => "dpkg",
-        "ss" => "iproute2",
+        "ss" | "ip" => "iproute2",
+        "nft" => "nftables",
+        "iperf3" => "iperf3",
         _ => "(unknown package)",
     }
 }
