@@ -63,12 +63,24 @@ pub(crate) fn check(c: ScsiCompletion) -> Result<ScsiCompletion, Error> {
     })
 }
 
+/// Retries of a command answered with UNIT ATTENTION (one per pending condition).
+const UNIT_ATTENTION_RETRIES: u32 = 8;
+
+fn is_unit_attention(c: &ScsiCompletion) -> bool {
+    c.response == ServiceResponse::COMMAND_COMPLETED
+        && c.status == Status::CHECK_CONDITION
+        && scsi::sense::Sense::parse(&c.sense)
+            .is_some_and(|s| s.key == scsi::SenseKey::UNIT_ATTENTION)
+}
+
 fn ascii(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_owned()
 }
 
 impl Session {
-    /// Runs a CDB and requires GOOD status.
+    /// Runs a CDB and requires GOOD status. A UNIT ATTENTION (power on, reset, parameters
+    /// changed, ...) is reported by the target once per I_T nexus and the command was not
+    /// executed: it is retried, a few times at most, as SCSI initiators do.
     pub async fn command(
         &self,
         lun: u64,
@@ -76,7 +88,18 @@ impl Session {
         data_out: Bytes,
         read_len: u32,
     ) -> Result<ScsiCompletion, Error> {
-        check(self.execute(request(lun, cdb, data_out, read_len)).await?)
+        let mut attempts = 0;
+        loop {
+            let c = self
+                .execute(request(lun, cdb, data_out.clone(), read_len))
+                .await?;
+            attempts += 1;
+            if attempts < UNIT_ATTENTION_RETRIES && is_unit_attention(&c) {
+                tracing::debug!(lun, "unit attention; retrying the command");
+                continue;
+            }
+            return check(c);
+        }
     }
 
     /// TEST UNIT READY.

@@ -30,7 +30,7 @@ impl Identity {
 
 /// When and how a session recovers from a lost connection.
 ///
-/// Defaults: the first reconnect at once, then backoff from 10 ms doubling to 250 ms; each
+/// Defaults: the first reconnect at once, then backoff from 10 ms doubling to 50 ms; each
 /// attempt's TCP connect and login bounded by 2 s and 5 s; NOP-Out ping after 5 s without a
 /// PDU from the target, 5 s to answer; give up (and fail the outstanding commands) after
 /// 120 s without a working connection.
@@ -59,7 +59,7 @@ impl Default for RecoveryPolicy {
             nop_interval: Some(Duration::from_secs(5)),
             nop_timeout: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(250),
+            backoff_max: Duration::from_millis(50),
             give_up_after: Some(Duration::from_secs(120)),
             max_attempts: None,
         }

@@ -278,7 +278,7 @@ async fn recovers_across_a_target_restart_without_losing_writes() {
     let file = dir.join("lun.img");
     std::fs::File::create(&file)
         .unwrap()
-        .set_len(32 << 20)
+        .set_len(256 << 20)
         .unwrap();
     let lun_flag = format!("0=file:{}", file.display());
     let (running, addr) = serve(config(0, vec![lun(&lun_flag)])).await;
@@ -297,15 +297,18 @@ async fn recovers_across_a_target_restart_without_losing_writes() {
                 let mut done = Vec::new();
                 let started = Instant::now();
                 let mut seq = 0u64;
-                while started.elapsed() < Duration::from_millis(1500) {
-                    let lba = w * 4096 + seq * 8;
+                // Each writer owns 32 MiB and writes every block at most once.
+                while started.elapsed() < Duration::from_millis(1500) && seq * 8 < 65536 {
+                    let lba = w * 65536 + seq * 8;
                     let mut block = vec![0u8; 4096];
                     block[..8].copy_from_slice(&w.to_be_bytes());
                     block[8..16].copy_from_slice(&seq.to_be_bytes());
                     let data = Bytes::from(block);
                     s.write(0, lba, data.clone(), BLOCK)
                         .await
-                        .expect("write survives");
+                        .unwrap_or_else(|e| {
+                            panic!("write {w}/{seq} at {lba} ({:?}): {e}", started.elapsed())
+                        });
                     done.push((lba, data, Instant::now()));
                     seq += 1;
                 }
