@@ -20,6 +20,14 @@ use crate::{Error, Identity, RecoveryPolicy};
 /// Redirections followed before a login gives up.
 const MAX_REDIRECTS: usize = 8;
 
+/// While a TCP connect gets no answer (lost SYNs: a path that is down, or was until a moment
+/// ago), another one starts this often; the first to connect wins. The kernel's own SYN
+/// retransmission waits 1 s, then 3 s: far too long for a session that must be back within
+/// milliseconds of its target.
+const CONNECT_RACE_INTERVAL: Duration = Duration::from_millis(100);
+/// At most this many connects race at once.
+const MAX_RACING_CONNECTS: usize = 8;
+
 pub(crate) type Reader = PduReader<OwnedReadHalf>;
 pub(crate) type Writer = PduWriter<OwnedWriteHalf>;
 
@@ -89,7 +97,12 @@ pub(crate) async fn establish(plan: &mut LoginPlan) -> Result<Established, Error
     match establish_once(plan).await {
         Err(e) if plan.offers_algorithm_list() && may_be_algorithm_trouble(&e) => {
             let md5 = plan.md5_only();
-            let est = establish_once(&md5).await.map_err(|_| e)?;
+            // If MD5 alone fails too, its error is the telling one (the first may only say
+            // that the target did not understand our algorithm).
+            let est = establish_once(&md5).await.map_err(|second| {
+                tracing::debug!(first = %e, "CHAP with an algorithm list failed");
+                second
+            })?;
             tracing::info!(portal = %plan.portal, "target accepted CHAP only with MD5 alone");
             *plan = md5;
             Ok(est)
@@ -119,19 +132,41 @@ async fn establish_once(plan: &LoginPlan) -> Result<Established, Error> {
     })
 }
 
+/// Connects to `portal` within `timeout`. A refused or unreachable portal fails at once; a
+/// silent one gets a fresh connect every [`CONNECT_RACE_INTERVAL`].
+async fn connect_racing(portal: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut racing = tokio::task::JoinSet::new();
+    loop {
+        if racing.len() < MAX_RACING_CONNECTS {
+            racing.spawn(TcpStream::connect(portal.to_owned()));
+        }
+        let next = tokio::time::Instant::now() + CONNECT_RACE_INTERVAL;
+        tokio::select! {
+            Some(done) = racing.join_next() => match done {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => return Err(e),
+                Err(join) => return Err(std::io::Error::other(join.to_string())),
+            },
+            _ = tokio::time::sleep_until(next.min(deadline)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect timed out",
+                    ));
+                }
+            }
+        }
+    }
+}
+
 async fn login_at(plan: &LoginPlan, portal: &str) -> Result<Established, Error> {
     let connect_error = |source| Error::Connect {
         portal: portal.to_owned(),
         source,
     };
-    let stream = tokio::time::timeout(plan.policy.connect_timeout, TcpStream::connect(portal))
+    let stream = connect_racing(portal, plan.policy.connect_timeout)
         .await
-        .map_err(|_| {
-            connect_error(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
-        })?
         .map_err(connect_error)?;
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();

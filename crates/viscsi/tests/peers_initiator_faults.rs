@@ -77,7 +77,7 @@ fn run_fault(kind: TargetKind, fault: Fault) {
         iqn,
     );
     options.policy = RecoveryPolicy {
-        connect_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_secs(2),
         login_timeout: Duration::from_secs(2),
         nop_interval: Some(Duration::from_millis(500)),
         nop_timeout: Duration::from_millis(500),
