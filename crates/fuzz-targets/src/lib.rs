@@ -626,7 +626,8 @@ impl Drive {
             out.data.len()
         );
         let mut wire = Vec::new();
-        encode_pdu(&out.bhs, &[], &out.data, self.tx, &mut wire);
+        assert!(out.ahs.is_empty(), "the target sends no AHS: {header:?}");
+        encode_pdu(&out.bhs, &out.ahs, &out.data, self.tx, &mut wire);
         let mut buf = BytesMut::from(&wire[..]);
         let mut dec = FrameDecoder::new(FrameLimits {
             max_recv_data_segment_len: 1 << 24,

@@ -194,7 +194,7 @@ async fn login_at(plan: &LoginPlan, portal: &str) -> Result<Established, Error> 
     };
     let deadline = Instant::now() + plan.policy.login_timeout;
     let first = login.start();
-    writer.queue(&first.bhs, first.data);
+    writer.queue(&first.bhs, &first.ahs, first.data);
     loop {
         writer.flush().await.map_err(connect_error)?;
         let left = deadline.saturating_duration_since(Instant::now());
@@ -212,7 +212,7 @@ async fn login_at(plan: &LoginPlan, portal: &str) -> Result<Established, Error> 
             .handle_pdu(item, Instant::now())
             .map_err(login_error)?
         {
-            LoginStep::Send(out) => writer.queue(&out.bhs, out.data),
+            LoginStep::Send(out) => writer.queue(&out.bhs, &out.ahs, out.data),
             LoginStep::Done(result) => {
                 let p = &result.params;
                 reader.set_limits(FrameLimits {

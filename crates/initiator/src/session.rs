@@ -560,7 +560,7 @@ impl Driver {
 
 fn pump_transmit(live: &mut Live) {
     while let Some(out) = live.session.poll_transmit() {
-        live.writer.queue(&out.bhs, out.data);
+        live.writer.queue(&out.bhs, &out.ahs, out.data);
     }
 }
 

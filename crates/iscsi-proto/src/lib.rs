@@ -15,5 +15,9 @@ pub mod target;
 #[derive(Clone, Debug)]
 pub struct OutPdu {
     pub bhs: iscsi_wire::Bhs,
+    /// Additional header segments, already padded to 4 bytes each (see
+    /// [`iscsi_wire::pdu::ahs::encode`]); empty for almost every PDU. The framer fills
+    /// TotalAHSLength from its length.
+    pub ahs: bytes::Bytes,
     pub data: bytes::Bytes,
 }

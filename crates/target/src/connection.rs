@@ -215,7 +215,7 @@ fn queue_transmits(
     writer: &mut PduWriter<tokio::net::tcp::OwnedWriteHalf>,
 ) {
     while let Some(out) = conn.poll_transmit() {
-        writer.queue(&out.bhs, out.data);
+        writer.queue(&out.bhs, &out.ahs, out.data);
     }
 }
 

@@ -540,7 +540,11 @@ impl InitiatorLogin {
         .to_bhs();
         // Data is at most 8192 bytes here: the 24-bit field holds it.
         bhs.set_data_segment_len(u32::try_from(data.len()).unwrap_or(u32::MAX));
-        OutPdu { bhs, data }
+        OutPdu {
+            bhs,
+            ahs: Bytes::new(),
+            data,
+        }
     }
 }
 

@@ -27,9 +27,11 @@
 //! is such a violation (we cannot tell where its data belongs); any other response for an
 //! unknown ITT is ignored (it may answer something we already gave up on).
 //!
-//! Limits of the current [`OutPdu`] (it has no AHS): a CDB longer than 16 bytes is refused
-//! with [`SubmitError::CdbTooLong`], and a bidirectional command goes out without its
-//! Bidirectional Read Data Length AHS.
+//! Additional header segments (§11.2.2, §11.3.5): a CDB longer than 16 bytes sends its
+//! first 16 bytes in the header and the rest in an extended-CDB AHS (up to 260 bytes in all;
+//! longer ones are refused with [`SubmitError::CdbTooLong`]), and a command with both
+//! `read_len` and `data_out` carries a Bidirectional Read Data Length AHS with `read_len`
+//! (its ExpectedDataTransferLength is the write length).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -37,6 +39,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use iscsi_wire::pdu::ahs;
 use iscsi_wire::{
     AsyncEvent, AsyncMessage, Bhs, DataIn, DataOut, Header, LogoutReason, LogoutRequest,
     LogoutResponse, LogoutResponseCode, NopIn, NopOut, Opcode, PduError, R2t, RawPdu, Reject,
@@ -52,8 +55,10 @@ use crate::keys::{self, SessionParams};
 use crate::serial::Sn;
 use crate::OutPdu;
 
-/// Longest CDB the basic header holds; longer ones need an AHS that [`OutPdu`] cannot carry.
+/// Longest CDB the basic header holds; the rest of a longer one goes in an extended-CDB AHS.
 const BHS_CDB_LEN: usize = 16;
+/// Longest CDB we send (SPC-4's variable-length CDBs end at 260 bytes).
+const MAX_CDB_LEN: usize = 260;
 /// Most of a read buffer reserved at its first Data-In; larger reads grow as data arrives, so
 /// a huge `read_len` answered with little data does not commit memory.
 const MAX_READ_PREALLOC: usize = 16 << 20;
@@ -235,8 +240,7 @@ impl InitiatorSession {
     /// Queues a SCSI command; it goes out as soon as the command window allows.
     pub fn submit(&mut self, task: TaskId, request: ScsiRequest) -> Result<(), SubmitError> {
         self.check_new(task)?;
-        if request.cdb.len() > BHS_CDB_LEN {
-            // Longer CDBs need an extended-CDB AHS, which `OutPdu` cannot carry yet.
+        if request.cdb.len() > MAX_CDB_LEN {
             return Err(SubmitError::CdbTooLong);
         }
         let itt = self.alloc_itt();
@@ -490,7 +494,11 @@ impl InitiatorSession {
     }
 
     fn push(&mut self, bhs: Bhs, data: Bytes) {
-        self.transmit.push_back(OutPdu { bhs, data });
+        self.transmit.push_back(OutPdu {
+            bhs,
+            ahs: Bytes::new(),
+            data,
+        });
     }
 
     /// Sends waiting non-immediate requests while CmdSN ≤ MaxCmdSN.
@@ -561,6 +569,7 @@ impl InitiatorSession {
         let immediate = req.data_out.slice(..immediate_len as usize);
         self.transmit.push_back(OutPdu {
             bhs: cmd.to_bhs(),
+            ahs: command_ahs(req, write_len),
             data: immediate,
         });
         push_data_out(
@@ -613,6 +622,31 @@ impl InitiatorSession {
     }
 }
 
+/// The AHS of a SCSI Command (empty for almost all, §11.2.2): the CDB beyond its first 16
+/// bytes (extended CDB: AHSLength = CDB length - 15, a reserved byte, the bytes, padding to 4),
+/// then the read length of a bidirectional command (Bidirectional Read Expected Data Transfer
+/// Length: AHSLength 5, a reserved byte, 4 bytes).
+fn command_ahs(req: &ScsiRequest, write_len: u32) -> Bytes {
+    let extended = req.cdb.get(BHS_CDB_LEN..).filter(|rest| !rest.is_empty());
+    let bidi = write_len > 0 && req.read_len > 0;
+    if extended.is_none() && !bidi {
+        return Bytes::new();
+    }
+    let mut area = Vec::new();
+    if let Some(rest) = extended {
+        let mut specific = Vec::with_capacity(1 + rest.len());
+        specific.push(0);
+        specific.extend_from_slice(rest);
+        ahs::encode(ahs::EXTENDED_CDB, &specific, &mut area);
+    }
+    if bidi {
+        let mut specific = [0u8; 5];
+        specific[1..].copy_from_slice(&req.read_len.to_be_bytes());
+        ahs::encode(ahs::BIDI_READ_DATA_LENGTH, &specific, &mut area);
+    }
+    Bytes::from(area)
+}
+
 /// One sequence of Data-Out PDUs: unsolicited (TTT reserved) or answering one R2T.
 struct DataOutSequence {
     lun: u64,
@@ -643,6 +677,7 @@ fn push_data_out(out: &mut VecDeque<OutPdu>, data: &Bytes, s: DataOutSequence) {
         };
         out.push_back(OutPdu {
             bhs: d.to_bhs(),
+            ahs: Bytes::new(),
             data: data.slice(offset as usize..end as usize),
         });
         offset = end;

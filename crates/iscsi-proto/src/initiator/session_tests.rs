@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use iscsi_wire::frame::encode_pdu;
+use iscsi_wire::pdu::ahs;
 use iscsi_wire::*;
 use proptest::prelude::*;
 
@@ -233,7 +234,7 @@ fn frame(out: OutPdu) -> Result<RawPdu, PduError> {
         max_recv_data_segment_len: 1 << 24,
     };
     let mut wire = Vec::new();
-    encode_pdu(&out.bhs, &[], &out.data, limits, &mut wire);
+    encode_pdu(&out.bhs, &out.ahs, &out.data, limits, &mut wire);
     let mut buf = BytesMut::from(&wire[..]);
     let item = FrameDecoder::new(limits).decode(&mut buf).unwrap().unwrap();
     assert!(buf.is_empty());
@@ -860,12 +861,8 @@ fn submission_errors() {
         s.text_request(TaskId(1), &[]).unwrap_err(),
         SubmitError::DuplicateTask
     );
+    // Up to 260 bytes go out with an extended-CDB AHS (see below); beyond, refused.
     let mut long = read(0, 1);
-    long.cdb = Bytes::from(vec![0u8; 32]);
-    assert_eq!(
-        s.submit(TaskId(2), long.clone()).unwrap_err(),
-        SubmitError::CdbTooLong
-    );
     long.cdb = Bytes::from(vec![0u8; 261]);
     assert_eq!(
         s.submit(TaskId(2), long).unwrap_err(),
@@ -1028,6 +1025,190 @@ fn keepalive_against_the_target() {
         Some(deadline + Duration::from_secs(5))
     );
     assert!(p.events().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Additional header segments: extended CDBs, bidirectional commands
+// ---------------------------------------------------------------------------------------------
+
+/// READ(32) (variable-length CDB, service action 0x0009), padded with a marker pattern to
+/// `len` bytes so that every byte of the CDB is distinguishable.
+fn read32_cdb(lba: u64, blocks: u32, len: usize) -> Bytes {
+    let mut cdb: Vec<u8> = (0..len).map(|i| 0x40 ^ (i as u8)).collect();
+    cdb[0] = 0x7f;
+    cdb[7] = (len - 8).min(255) as u8;
+    cdb[8..10].copy_from_slice(&0x0009u16.to_be_bytes());
+    cdb[12..20].copy_from_slice(&lba.to_be_bytes());
+    cdb[28..32].copy_from_slice(&blocks.to_be_bytes());
+    Bytes::from(cdb)
+}
+
+/// The only PDU `s` has to send, with its AHS.
+fn only_pdu(s: &mut InitiatorSession) -> OutPdu {
+    let out: Vec<OutPdu> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    out.into_iter().next().unwrap()
+}
+
+#[test]
+fn extended_cdb_round_trips_through_the_target() {
+    let mut p = pair(&[]);
+    p.hold = true;
+    let cdb = read32_cdb(5, 2, 32);
+    let req = ScsiRequest {
+        cdb: cdb.clone(),
+        ..read(0, 2)
+    };
+    p.init.submit(TaskId(1), req).unwrap();
+    p.pump();
+    // The header holds the first 16 bytes; the target puts the rest back from the AHS.
+    let Header::ScsiCommand(sent) = &p.wire[0].0 else {
+        panic!()
+    };
+    assert_eq!(sent.cdb[..], cdb[..16]);
+    assert_eq!(p.held.len(), 1);
+    let cmd = p.held.pop().unwrap();
+    assert_eq!(cmd.cdb, &cdb[..], "Execute carries the whole 32-byte CDB");
+    assert!(cmd.read && !cmd.write);
+    assert_eq!(cmd.expected_data_transfer_length, 2 * BLOCK as u32);
+    // Executed by hand (the test disk knows only READ(16)/WRITE(16)).
+    let data = Bytes::copy_from_slice(block(&p.disk, 5, 2));
+    p.target.complete(cmd.itt, Status::GOOD, &[], data, None);
+    p.pump();
+    let c = completions(p.events());
+    assert_eq!((c[0].task, c[0].status), (TaskId(1), Status::GOOD));
+    assert_eq!(&c[0].data[..], block(&p.disk, 5, 2));
+    assert!(p.target_closed.is_none());
+}
+
+#[test]
+fn every_cdb_length_up_to_260_reaches_the_target_whole() {
+    let mut p = pair(&[]);
+    p.hold = true;
+    for (task, len) in [1usize, 6, 16, 17, 18, 19, 20, 21, 33, 100, 259, 260]
+        .into_iter()
+        .enumerate()
+    {
+        let cdb: Bytes = (0..len).map(|i| (i as u8) ^ 0xa5).collect();
+        let req = ScsiRequest {
+            cdb: cdb.clone(),
+            ..read(0, 1)
+        };
+        p.init.submit(TaskId(task as u64), req).unwrap();
+        p.pump();
+        let cmd = p.held.pop().expect("executed");
+        // Shorter CDBs are zero-padded to the header's 16 bytes.
+        let mut want = cdb.to_vec();
+        want.resize(len.max(16), 0);
+        assert_eq!(cmd.cdb, want, "CDB of {len} bytes");
+        p.target
+            .complete(cmd.itt, Status::GOOD, &[], Bytes::new(), None);
+        p.pump();
+        assert_eq!(completions(p.events()).len(), 1);
+    }
+    assert!(p.target_closed.is_none());
+}
+
+#[test]
+fn extended_cdb_ahs_layout() {
+    let mut s = session();
+    for len in [17usize, 20, 32, 260] {
+        let cdb: Bytes = (0..len).map(|i| i as u8).collect();
+        let req = ScsiRequest {
+            cdb: cdb.clone(),
+            ..read(0, 1)
+        };
+        s.submit(TaskId(len as u64), req).unwrap();
+        let out = only_pdu(&mut s);
+        // §11.2.2: AHSLength = CDB length - 15 (reserved byte + the bytes beyond 16), padded.
+        let ahs_len = u16::from_be_bytes([out.ahs[0], out.ahs[1]]);
+        assert_eq!(usize::from(ahs_len), len - 15);
+        assert_eq!(out.ahs[2], ahs::EXTENDED_CDB);
+        assert_eq!(out.ahs[3], 0, "reserved");
+        assert_eq!(out.ahs.len(), (4 + len - 16).div_ceil(4) * 4);
+        assert!(
+            out.ahs[4 + len - 16..].iter().all(|&b| b == 0),
+            "zero padding"
+        );
+        // Through the framer: TotalAHSLength counts it, the full CDB comes back.
+        let pdu = frame(out).unwrap();
+        assert_eq!(pdu.bhs.total_ahs_len(), pdu.ahs.len());
+        let Ok(Header::ScsiCommand(cmd)) = Header::parse(&pdu.bhs) else {
+            panic!()
+        };
+        assert_eq!(ahs::full_cdb(&cmd.cdb, &pdu.ahs).unwrap(), &cdb[..]);
+    }
+    // 16 bytes or fewer, and ordinary commands: no AHS at all.
+    s.submit(TaskId(1), read(0, 1)).unwrap();
+    assert!(only_pdu(&mut s).ahs.is_empty());
+    s.submit(TaskId(2), write(0, pattern(512, 1))).unwrap();
+    assert!(only_pdu(&mut s).ahs.is_empty());
+}
+
+#[test]
+fn bidirectional_command_carries_the_read_length_ahs() {
+    let mut s = session();
+    let req = ScsiRequest {
+        lun: 0,
+        cdb: cdb16(0x53, 0, 2), // XDWRITEREAD(10)-like: writes and reads
+        data_out: pattern(1024, 3),
+        read_len: 3000,
+        attr: TaskAttr::Simple,
+    };
+    s.submit(TaskId(1), req).unwrap();
+    let out = only_pdu(&mut s);
+    let segs = ahs::parse(&out.ahs).unwrap();
+    assert_eq!(segs.len(), 1);
+    assert_eq!(segs[0].ahs_type, ahs::BIDI_READ_DATA_LENGTH);
+    assert_eq!(
+        segs[0].specific,
+        &[0, 0, 0, 0x0b, 0xb8],
+        "reserved byte, 3000 BE"
+    );
+    assert_eq!(out.ahs.len(), 8);
+    let Ok(Header::ScsiCommand(cmd)) = Header::parse(&out.bhs) else {
+        panic!()
+    };
+    assert!(cmd.read && cmd.write);
+    assert_eq!(cmd.expected_data_transfer_length, 1024, "the write length");
+
+    // With a long CDB too: the extended CDB first, then the read length.
+    let req = ScsiRequest {
+        lun: 0,
+        cdb: read32_cdb(0, 1, 32),
+        data_out: pattern(512, 4),
+        read_len: 512,
+        attr: TaskAttr::Simple,
+    };
+    s.submit(TaskId(2), req).unwrap();
+    let out = only_pdu(&mut s);
+    let segs = ahs::parse(&out.ahs).unwrap();
+    let types: Vec<u8> = segs.iter().map(|a| a.ahs_type).collect();
+    assert_eq!(types, [ahs::EXTENDED_CDB, ahs::BIDI_READ_DATA_LENGTH]);
+    assert_eq!(segs[1].specific, &[0, 0, 0, 2, 0]);
+    let pdu = frame(out).unwrap();
+    assert_eq!(pdu.ahs.len(), 20 + 8);
+}
+
+#[test]
+fn bidirectional_command_reaches_the_target() {
+    let mut p = pair(&[("ImmediateData", "Yes")]);
+    p.hold = true;
+    let data = pattern(1024, 9);
+    let req = ScsiRequest {
+        lun: 0,
+        cdb: read32_cdb(0, 2, 32),
+        data_out: data.clone(),
+        read_len: 1024,
+        attr: TaskAttr::Simple,
+    };
+    p.init.submit(TaskId(1), req).unwrap();
+    p.pump();
+    assert!(p.target_closed.is_none());
+    let cmd = p.held.pop().expect("executed");
+    assert!(cmd.read && cmd.write);
+    assert_eq!(cmd.cdb.len(), 32);
+    assert_eq!(cmd.data_out, data);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1029,7 +1029,11 @@ impl TargetConnection {
     // ---- small helpers ----
 
     fn push(&mut self, bhs: Bhs, data: Bytes) {
-        self.transmit.push_back(OutPdu { bhs, data });
+        self.transmit.push_back(OutPdu {
+            bhs,
+            ahs: Bytes::new(),
+            data,
+        });
     }
 
     fn next_stat_sn(&mut self) -> u32 {
