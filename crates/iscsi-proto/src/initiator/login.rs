@@ -453,10 +453,11 @@ impl InitiatorLogin {
             ));
         }
         let params = self.negotiation.params();
-        let auth = self.auth.take().unwrap_or(AuthOutcome {
-            target: None,
-            weak_secret: false,
-        });
+        // Copied, not taken: `is_authenticated` stays true after the login.
+        let (authenticated_target, weak_secret) = self
+            .auth
+            .as_ref()
+            .map_or((None, false), |a| (a.target.clone(), a.weak_secret));
         Ok(LoginResult {
             target_portal_group_tag: params.tpgt,
             params,
@@ -468,8 +469,8 @@ impl InitiatorLogin {
             exp_stat_sn: self.exp_stat_sn,
             exp_cmd_sn: resp.exp_cmd_sn,
             max_cmd_sn: resp.max_cmd_sn,
-            authenticated_target: auth.target,
-            weak_secret: auth.weak_secret,
+            authenticated_target,
+            weak_secret,
         })
     }
 

@@ -153,6 +153,7 @@ fn converse(portal: PortalConfig, config: LoginConfig) -> Conversation {
             Ok(LoginStep::Send(o)) => next = o,
             Ok(LoginStep::Done(result)) => {
                 assert!(login.is_finished());
+                assert!(login.is_authenticated(), "authenticated after the login");
                 assert_eq!(login.stage(), Stage::FullFeaturePhase);
                 return Conversation {
                     result: Ok(*result),
@@ -408,6 +409,48 @@ fn mutual_chap_succeeds() {
     let (resp, data) = &c.responses[2];
     assert!(resp.transit && resp.csg == 0 && resp.nsg == 1);
     assert_eq!(value(&pairs(data), "CHAP_N"), Some("target-user"));
+}
+
+/// Found by fuzzing: the final response took the authentication outcome out of the login to
+/// build the result, so `is_authenticated` turned false exactly when the login succeeded.
+#[test]
+fn still_authenticated_after_the_login_succeeded() {
+    for (portal, config, mutual) in [
+        (portal(AuthPolicy::default()), config(), false),
+        (
+            chap_portal(Vec::new(), false),
+            chap_config(Vec::new(), None),
+            false,
+        ),
+        (
+            chap_portal(Vec::new(), true),
+            chap_config(Vec::new(), Some(TARGET_SECRET)),
+            true,
+        ),
+    ] {
+        let now = Instant::now();
+        let mut target = TargetConnection::new(Arc::new(portal));
+        let mut login = InitiatorLogin::new(config);
+        let mut next = login.start();
+        let result = loop {
+            target.handle_pdu(wire(&next), now);
+            while let Some(event) = target.poll_event() {
+                if let Event::SessionRequested(_) = event {
+                    target.accept_session(TSIH);
+                }
+            }
+            let out = target.poll_transmit().expect("a Login Response");
+            match login.handle_pdu(wire(&out), now).expect("login succeeds") {
+                LoginStep::Send(o) => next = o,
+                LoginStep::Done(r) => break r,
+            }
+        };
+        assert!(login.is_finished());
+        assert!(login.is_authenticated());
+        // The outcome still reaches the result.
+        let want = mutual.then_some("target-user");
+        assert_eq!(result.authenticated_target.as_deref(), want);
+    }
 }
 
 #[test]
