@@ -99,9 +99,8 @@ pub(crate) async fn establish(plan: &mut LoginPlan) -> Result<Established, Error
             let md5 = plan.md5_only();
             // If MD5 alone fails too, its error is the telling one (the first may only say
             // that the target did not understand our algorithm).
-            let est = establish_once(&md5).await.map_err(|second| {
+            let est = establish_once(&md5).await.inspect_err(|_| {
                 tracing::debug!(first = %e, "CHAP with an algorithm list failed");
-                second
             })?;
             tracing::info!(portal = %plan.portal, "target accepted CHAP only with MD5 alone");
             *plan = md5;

@@ -1,5 +1,7 @@
 //! `viscsi`: one binary, many subcommands. This file only parses arguments and hands a
-//! validated configuration to the library crates.
+//! validated configuration to the library crates; the initiator's subcommands live in `cli`.
+
+mod cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,9 +15,10 @@ use target::{ChapConfig, LunConfig, Target, TargetConfig, TargetDef};
 #[derive(Parser)]
 #[command(name = "viscsi", version, about)]
 struct Cli {
-    /// Log filter, e.g. `info`, `debug`, `target=trace` (or set RUST_LOG).
-    #[arg(long, global = true, default_value = "info")]
-    log: String,
+    /// Log filter, e.g. `info`, `debug`, `target=trace` (or set RUST_LOG) [default: info for
+    /// `target`, warn for the initiator's commands].
+    #[arg(long, global = true)]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +27,8 @@ struct Cli {
 enum Command {
     /// Serve iSCSI targets (with no arguments: a 1 GiB memory LUN on 127.0.0.1:3260).
     Target(TargetArgs),
+    #[command(flatten)]
+    Initiator(cli::InitiatorCommand),
 }
 
 /// The target's flags. They add to (and for portals and limits, override) a --config file.
@@ -132,26 +137,30 @@ impl TryFrom<TargetArgs> for TargetConfig {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::report_usage_error(e),
+    };
+    let default_log = match cli.command {
+        Command::Target(_) => "info",
+        Command::Initiator(_) => cli::InitiatorCommand::DEFAULT_LOG,
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .or_else(|_| {
+            tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_log))
+        })
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("viscsi: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
-        Command::Target(args) => runtime.block_on(run_target(args)),
+        Command::Target(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the runtime: {e}"))
+            .and_then(|runtime| runtime.block_on(run_target(args))),
+        Command::Initiator(command) => cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

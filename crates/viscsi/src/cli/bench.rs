@@ -1,0 +1,398 @@
+//! `viscsi bench URL`: a closed-loop load on one LUN — `--qd` workers, each issuing its next
+//! READ (16) or WRITE (16) as soon as the previous one completes — for `--time`, then IOPS,
+//! MiB/s, latency percentiles, the CPU this process used and the session's recoveries.
+//!
+//! Each worker keeps its own latency histogram (merged at the end), so measuring costs two
+//! clock reads per I/O and no shared state. Writes send one random buffer made at start-up,
+//! shared by reference. Random offsets come from a fixed-seed xorshift per worker, so runs
+//! are repeatable; sequential workloads share one counter and wrap at the end of the range.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use initiator::url::IscsiUrl;
+use initiator::Session;
+
+use super::cpu::CpuTime;
+use super::histogram::Histogram;
+use super::units::{human_bytes, mib_per_sec, parse_duration, parse_size};
+use super::{close, describe_error, retry_unit_attention, ConnectArgs, Connection};
+
+/// What the workers do.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Reads at random block-size-aligned offsets.
+    Randread,
+    /// Writes at random block-size-aligned offsets.
+    Randwrite,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Read => "read",
+            Workload::Write => "write",
+            Workload::Randread => "randread",
+            Workload::Randwrite => "randwrite",
+        }
+    }
+
+    fn writes(self) -> bool {
+        matches!(self, Workload::Write | Workload::Randwrite)
+    }
+
+    fn random(self) -> bool {
+        matches!(self, Workload::Randread | Workload::Randwrite)
+    }
+}
+
+/// `viscsi bench` flags.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN (writes destroy its data).
+    #[arg(value_name = "URL")]
+    url: String,
+    /// Workload.
+    #[arg(long, value_enum, default_value = "randread")]
+    rw: Workload,
+    /// Bytes per I/O (a multiple of the LUN's block size), e.g. 4k or 1M.
+    #[arg(long, value_name = "SIZE", default_value = "4k", value_parser = parse_size)]
+    bs: u64,
+    /// I/Os in flight (one worker each).
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    qd: usize,
+    /// How long to run, e.g. 10s.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    time: Duration,
+    /// Only use the first SIZE bytes of the LUN, e.g. 1G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    size: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Runtime threads (1: the session and the workers share one thread).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    threads: usize,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+impl BenchArgs {
+    /// Runtime threads asked for.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+pub struct BenchConfig {
+    connection: Connection,
+    url: IscsiUrl,
+    lun: u64,
+    workload: Workload,
+    io_bytes: u64,
+    qd: usize,
+    duration: Duration,
+    range: Option<u64>,
+    json: bool,
+}
+
+/// Largest I/O accepted (the initiator negotiates bursts up to 16 MiB).
+const MAX_IO: u64 = 16 << 20;
+
+impl TryFrom<BenchArgs> for BenchConfig {
+    type Error = String;
+    fn try_from(a: BenchArgs) -> Result<Self, String> {
+        if a.bs == 0 || a.bs > MAX_IO {
+            return Err("--bs must be from 1 block to 16M".into());
+        }
+        if a.qd == 0 || a.qd > 4096 {
+            return Err("--qd must be from 1 to 4096".into());
+        }
+        if a.time.is_zero() {
+            return Err("--time must be more than 0".into());
+        }
+        if a.threads == 0 || a.threads > 64 {
+            return Err("--threads must be from 1 to 64".into());
+        }
+        if a.size == Some(0) {
+            return Err("--size must be more than 0".into());
+        }
+        let connection = Connection::try_from(a.connect)?;
+        let url = connection.url(&a.url)?;
+        let (_, lun) = url.require_lun().map_err(|e| e.to_string())?;
+        Ok(BenchConfig {
+            connection,
+            url,
+            lun,
+            workload: a.rw,
+            io_bytes: a.bs,
+            qd: a.qd,
+            duration: a.time,
+            range: a.size,
+            json: a.json,
+        })
+    }
+}
+
+/// What every worker shares.
+struct Plan {
+    session: Session,
+    lun: u64,
+    block_size: u32,
+    blocks_per_io: u32,
+    /// Number of I/O-sized slots in the range.
+    slots: u64,
+    workload: Workload,
+    pattern: Bytes,
+    deadline: Instant,
+    next_sequential: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// xorshift64*: fast, good enough to spread offsets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn random_pattern(len: usize) -> Bytes {
+    let mut rng = Rng(0x5eed_f00d_1234_5678);
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        data.extend_from_slice(&rng.next().to_le_bytes());
+    }
+    data.truncate(len);
+    Bytes::from(data)
+}
+
+async fn worker(plan: Arc<Plan>, id: u64) -> Result<Histogram, String> {
+    let mut latencies = Histogram::default();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (id + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9));
+    while !plan.stop.load(Ordering::Relaxed) && Instant::now() < plan.deadline {
+        let slot = if plan.workload.random() {
+            rng.next() % plan.slots
+        } else {
+            plan.next_sequential.fetch_add(1, Ordering::Relaxed) % plan.slots
+        };
+        let lba = slot * u64::from(plan.blocks_per_io);
+        let started = Instant::now();
+        let result = if plan.workload.writes() {
+            let write = || {
+                plan.session
+                    .write(plan.lun, lba, plan.pattern.clone(), plan.block_size)
+            };
+            retry_unit_attention(write).await
+        } else {
+            let read = || {
+                plan.session
+                    .read(plan.lun, lba, plan.blocks_per_io, plan.block_size)
+            };
+            retry_unit_attention(read).await.map(drop)
+        };
+        if let Err(e) = result {
+            plan.stop.store(true, Ordering::Relaxed);
+            return Err(format!("I/O at LBA {lba}: {}", describe_error(&e)));
+        }
+        latencies.record(started.elapsed().as_nanos() as u64);
+    }
+    Ok(latencies)
+}
+
+/// What a run measured.
+struct Report {
+    ios: u64,
+    seconds: f64,
+    latencies: Histogram,
+    cpu: CpuTime,
+    recoveries: u64,
+    reissued: u64,
+}
+
+pub async fn run(config: BenchConfig) -> Result<(), String> {
+    let session = config.connection.connect(&config.url).await?;
+    let result = measure(&config, &session).await;
+    close(&session).await;
+    let report = result?;
+    print_report(&config, &report);
+    Ok(())
+}
+
+async fn measure(config: &BenchConfig, session: &Session) -> Result<Report, String> {
+    let capacity = retry_unit_attention(|| session.read_capacity(config.lun))
+        .await
+        .map_err(|e| format!("READ CAPACITY: {}", describe_error(&e)))?;
+    let bs = u64::from(capacity.block_size);
+    if config.io_bytes % bs != 0 {
+        return Err(format!(
+            "--bs must be a multiple of the LUN's block size ({bs} bytes)"
+        ));
+    }
+    let range = config.range.unwrap_or(u64::MAX).min(capacity.bytes());
+    let slots = range / config.io_bytes;
+    if slots == 0 {
+        return Err(format!(
+            "the range ({}) is smaller than one I/O ({})",
+            human_bytes(range),
+            human_bytes(config.io_bytes)
+        ));
+    }
+    let pattern = if config.workload.writes() {
+        random_pattern(config.io_bytes as usize)
+    } else {
+        Bytes::new()
+    };
+    let before = session.stats();
+    let cpu_before = CpuTime::now();
+    let started = Instant::now();
+    let plan = Arc::new(Plan {
+        session: session.clone(),
+        lun: config.lun,
+        block_size: capacity.block_size,
+        blocks_per_io: u32::try_from(config.io_bytes / bs).map_err(|_| "--bs too large")?,
+        slots,
+        workload: config.workload,
+        pattern,
+        deadline: started + config.duration,
+        next_sequential: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let workers: Vec<_> = (0..config.qd as u64)
+        .map(|id| tokio::spawn(worker(plan.clone(), id)))
+        .collect();
+    let mut latencies = Histogram::default();
+    let mut first_error = None;
+    for w in workers {
+        match w.await {
+            Ok(Ok(h)) => latencies.merge(&h),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(format!("worker failed: {e}"));
+            }
+        }
+    }
+    let wall = started.elapsed();
+    let cpu = CpuTime::now().since(cpu_before);
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let after = session.stats();
+    Ok(Report {
+        ios: latencies.count(),
+        seconds: wall.as_secs_f64(),
+        latencies,
+        cpu,
+        recoveries: after.recoveries - before.recoveries,
+        reissued: after.reissued - before.reissued,
+    })
+}
+
+fn micros(nanos: u64) -> f64 {
+    nanos as f64 / 1000.0
+}
+
+fn print_report(config: &BenchConfig, r: &Report) {
+    let bytes = r.ios * config.io_bytes;
+    let iops = if r.seconds > 0.0 {
+        r.ios as f64 / r.seconds
+    } else {
+        0.0
+    };
+    let wall = Duration::from_secs_f64(r.seconds);
+    let cpu_user = CpuTime::percent_of(r.cpu.user, wall);
+    let cpu_system = CpuTime::percent_of(r.cpu.system, wall);
+    let h = &r.latencies;
+    if config.json {
+        let value = serde_json::json!({
+            "url": config.url.to_string(),
+            "rw": config.workload.name(),
+            "bs": config.io_bytes,
+            "qd": config.qd,
+            "seconds": r.seconds,
+            "ios": r.ios,
+            "bytes": bytes,
+            "iops": iops,
+            "mib_per_sec": mib_per_sec(bytes, r.seconds),
+            "lat_mean_us": h.mean() / 1000.0,
+            "lat_p50_us": micros(h.quantile(0.5)),
+            "lat_p99_us": micros(h.quantile(0.99)),
+            "lat_p999_us": micros(h.quantile(0.999)),
+            "lat_max_us": micros(h.max()),
+            "cpu_percent": cpu_user + cpu_system,
+            "cpu_user_percent": cpu_user,
+            "cpu_sys_percent": cpu_system,
+            "recoveries": r.recoveries,
+            "reissued": r.reissued,
+        });
+        println!("{value}");
+        return;
+    }
+    println!(
+        "{} {} QD{} for {:.1} s on {}",
+        config.workload.name(),
+        human_bytes(config.io_bytes),
+        config.qd,
+        r.seconds,
+        config.url
+    );
+    println!("  IOPS        {iops:.0} ({} I/Os)", r.ios);
+    println!(
+        "  throughput  {:.1} MiB/s ({})",
+        mib_per_sec(bytes, r.seconds),
+        human_bytes(bytes)
+    );
+    println!(
+        "  latency µs  p50 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
+        micros(h.quantile(0.5)),
+        micros(h.quantile(0.99)),
+        micros(h.quantile(0.999)),
+        micros(h.max()),
+        h.mean() / 1000.0
+    );
+    println!(
+        "  CPU         {:.0} % of a core (user {cpu_user:.0} %, system {cpu_system:.0} %)",
+        cpu_user + cpu_system
+    );
+    println!(
+        "  recoveries  {} ({} commands re-issued)",
+        r.recoveries, r.reissued
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_made_once_and_looks_random() {
+        let p = random_pattern(4096);
+        assert_eq!(p.len(), 4096);
+        let zeros = p.iter().filter(|&&b| b == 0).count();
+        assert!(zeros < 64, "{zeros} zero bytes");
+        assert_eq!(random_pattern(10), p.slice(..10));
+    }
+
+    #[test]
+    fn random_offsets_spread() {
+        let mut rng = Rng(42);
+        let mut seen = [0u32; 16];
+        for _ in 0..16_000 {
+            seen[(rng.next() % 16) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| (800..1200).contains(&n)), "{seen:?}");
+    }
+}
