@@ -136,7 +136,24 @@ impl TryFrom<TargetArgs> for TargetConfig {
     }
 }
 
+/// Keeps freed memory in the process instead of handing it back to the kernel at once.
+///
+/// Data segments and per-command buffers are 256 KiB – 16 MiB: with glibc's defaults each is
+/// mmap'ed or trimmed from the heap when freed and page-faulted in again on the next command,
+/// which measured as a fifth of the initiator's CPU at 1 MiB reads. 64 MiB of slack is cheap
+/// next to the throughput it buys.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
+    // exists, with valid parameter numbers and values.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return cli::report_usage_error(e),
