@@ -2,7 +2,8 @@
 //!
 //! Each test runs against both: plain login with several LUNs, one-way and mutual CHAP
 //! (tgt's outgoing account), wrong secrets refused, CRC32C header and data digests, and a
-//! tshark capture of the initiator's own traffic (zero malformed PDUs, digests good).
+//! tshark capture of the initiator's own traffic (zero malformed PDUs, digests good); and 32
+//! sessions at once against the viscsi target.
 
 use std::time::Duration;
 
@@ -226,4 +227,45 @@ fn crc32c_header_and_data_digests_with_a_clean_capture() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn many_sessions_at_once_against_the_viscsi_target() {
+    let rt = runtime();
+    let target = RunningTarget::start(
+        &kinds()[0],
+        TargetConfig::new("iqn.2024-01.test.viscsi:init-many").mem_lun(256 * MIB),
+    );
+    let portal = target.portal();
+    let iqn = target.iqn().to_string();
+    let lun = u64::from(target.lun_id(0));
+    rt.block_on(async {
+        let jobs: Vec<_> = (0..32u64)
+            .map(|i| {
+                let (portal, iqn) = (portal.clone(), iqn.clone());
+                tokio::spawn(async move {
+                    let o = SessionOptions::new(
+                        Identity::new(
+                            format!("iqn.2024-01.test.viscsi:many{i}"),
+                            Isid(0x023d_0000_1000 + i),
+                        ),
+                        portal,
+                        iqn,
+                    );
+                    let s = Session::connect(o).await.expect("login");
+                    let data = pattern(1 << 20, 100 + i);
+                    let lba = i * 4096;
+                    for _ in 0..4 {
+                        s.write(lun, lba, data.clone(), BLOCK).await.expect("write");
+                        let got = s.read(lun, lba, 2048, BLOCK).await.expect("read");
+                        assert!(got == data, "session {i}: data differs");
+                    }
+                    s.logout().await.expect("logout");
+                })
+            })
+            .collect();
+        for j in jobs {
+            j.await.expect("session");
+        }
+    });
 }
