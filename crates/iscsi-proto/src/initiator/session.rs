@@ -816,6 +816,13 @@ impl InitiatorSession {
             Some(t) if t.cmd_sn.is_some() => t,
             _ => return Err(fault(format!("R2T for unknown ITT 0x{:08x}", r.itt))),
         };
+        if r.ttt == RESERVED_TAG {
+            // Data-Out with this TTT would claim to be unsolicited: ERL 0 cannot go on.
+            return Err(fault(format!(
+                "R2T with the reserved Target Transfer Tag (ITT 0x{:08x})",
+                r.itt
+            )));
+        }
         if r.r2t_sn != task.next_in_sn {
             return Err(fault(format!(
                 "R2TSN {} where {} was due (ITT 0x{:08x})",

@@ -705,6 +705,30 @@ fn r2t_outside_the_data_fails_the_connection() {
     assert_eq!(out[0].0, TaskId(1));
 }
 
+/// Found by fuzzing: an R2T with the reserved Target Transfer Tag was answered, with Data-Out
+/// whose TTT 0xffffffff tells the target they are unsolicited (beyond FirstBurstLength, or
+/// with InitialR2T=Yes, where none may be sent).
+#[test]
+fn r2t_with_the_reserved_ttt_fails_the_connection() {
+    let mut s = session();
+    s.submit(TaskId(1), write(0, pattern(4096, 0))).unwrap();
+    let itt = command(&sent(&mut s)).itt;
+    let r2t = R2t {
+        itt,
+        ttt: RESERVED_TAG,
+        r2t_sn: 0,
+        buffer_offset: 0,
+        desired_data_transfer_length: 4096,
+        exp_cmd_sn: 101,
+        max_cmd_sn: 132,
+        ..Default::default()
+    };
+    s.handle_pdu(raw(r2t.to_bhs(), Bytes::new()), Instant::now());
+    assert!(failed(&events(&mut s)));
+    assert!(s.poll_transmit().is_none(), "no Data-Out answers it");
+    assert_eq!(s.take_outstanding().len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Command window
 // ---------------------------------------------------------------------------------------------
