@@ -13,8 +13,11 @@
 //! | [`target_login`]      | `[flags] [PDU stream from the start of the connection]`          |
 //! | [`target_full_feature`] | `[flags] [PDU stream after a canned login]`                    |
 //! | [`scsi_cdb`]          | `[LU flags] ([ctrl] [cdb len] [cdb] [data len u16 LE] [data])*` |
+//! | [`initiator_login`]   | `[flags] [Login Response stream]`                                |
+//! | [`initiator_session`] | `[flags] ([kind] [len u16 LE] [payload])*`                       |
 //!
-//! [`seeds`] builds the committed seed corpus from realistic PDUs and CDBs.
+//! [`seeds`] builds the committed seed corpus from realistic PDUs and CDBs, and for the
+//! initiator targets from conversations with the real target core.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -30,7 +33,10 @@ use iscsi_proto::target::{
 use iscsi_wire::pdu::ahs;
 use iscsi_wire::*;
 
+pub mod initiator;
 pub mod seeds;
+
+pub use initiator::{initiator_login, initiator_session};
 
 // -------------------------------------------------------------------------------------------
 // (1) PDU framing and typed headers
@@ -257,8 +263,11 @@ fn check_text_out(pairs: &[(String, String)]) {
 /// The negotiated parameters stay within the RFC's ranges and on our side of each result
 /// function.
 fn check_params(neg: &Negotiation) {
-    let p = neg.params();
-    let cfg = neg.config();
+    check_session_params(&neg.params(), neg.config());
+}
+
+/// [`check_params`] for parameters `p` negotiated from our side's `cfg`.
+pub(crate) fn check_session_params(p: &keys::SessionParams, cfg: &NegotiationConfig) {
     let defaults = keys::SessionParams::default();
     let seg = 512..=(1 << 24) - 1;
     assert!(
@@ -361,7 +370,7 @@ pub const CHAP_TARGET_SECRET: &[u8] = b"fuzz-target-secret-2";
 /// challenge before the PDU reaches the target, so the fuzzer can get past authentication.
 pub const CHAP_R_AUTO: &str = "auto";
 
-fn portal(chap: bool) -> Arc<PortalConfig> {
+pub(crate) fn portal(chap: bool) -> Arc<PortalConfig> {
     static PLAIN: OnceLock<Arc<PortalConfig>> = OnceLock::new();
     static CHAP: OnceLock<Arc<PortalConfig>> = OnceLock::new();
     let cell = if chap { &CHAP } else { &PLAIN };
@@ -865,12 +874,14 @@ pub fn scsi_cdb(data: &[u8]) {
 }
 
 /// The names of the fuzz targets, as in `fuzz/fuzz_targets/` and `fuzz/corpus/`.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 7] = [
     "pdu_stream",
     "text_negotiation",
     "target_login",
     "target_full_feature",
     "scsi_cdb",
+    "initiator_login",
+    "initiator_session",
 ];
 
 /// Runs the target called `name` on `data`; `None` for an unknown name.
@@ -881,6 +892,8 @@ pub fn run(name: &str, data: &[u8]) -> Option<()> {
         "target_login" => target_login(data),
         "target_full_feature" => target_full_feature(data),
         "scsi_cdb" => scsi_cdb(data),
+        "initiator_login" => initiator_login(data),
+        "initiator_session" => initiator_session(data),
         _ => return None,
     }
     Some(())

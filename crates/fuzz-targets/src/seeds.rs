@@ -8,6 +8,8 @@ use iscsi_wire::*;
 
 use crate::{BATCH_SEPARATOR, CHAP_R_AUTO, CHAP_USER};
 
+mod initiator;
+
 /// libiscsi's test-tool initiator name.
 pub const INITIATOR_NAME: &str = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test";
 /// An open-iscsi style initiator name.
@@ -39,6 +41,7 @@ pub fn all() -> Vec<Seed> {
     out.extend(target_login_seeds());
     out.extend(target_full_feature_seeds());
     out.extend(scsi_cdb_seeds());
+    out.extend(initiator::all());
     out
 }
 

@@ -97,3 +97,15 @@ fn scsi_cdb() {
     random_bytes("scsi_cdb");
     mutated_seeds("scsi_cdb");
 }
+
+#[test]
+fn initiator_login() {
+    random_bytes("initiator_login");
+    mutated_seeds("initiator_login");
+}
+
+#[test]
+fn initiator_session() {
+    random_bytes("initiator_session");
+    mutated_seeds("initiator_session");
+}

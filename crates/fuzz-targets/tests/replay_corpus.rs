@@ -150,3 +150,13 @@ fn no_stray_folders() {
         }
     }
 }
+
+#[test]
+fn initiator_login() {
+    replay("initiator_login");
+}
+
+#[test]
+fn initiator_session() {
+    replay("initiator_session");
+}
