@@ -4,7 +4,7 @@
 //! `scsi::lun::encode`.
 
 use bytes::Bytes;
-use iscsi_proto::initiator::{ScsiCompletion, ScsiRequest, TaskAttr};
+use iscsi_proto::initiator::{DataIn, ScsiCompletion, ScsiRequest, TaskAttr};
 use iscsi_wire::{ServiceResponse, Status};
 
 use crate::{Error, Session};
@@ -114,7 +114,7 @@ impl Session {
         let c = self
             .command(lun, &[0x12, 0, 0, 0, 255, 0], Bytes::new(), 255)
             .await?;
-        let d = &c.data;
+        let d = c.data.into_bytes();
         if d.len() < 36 {
             return Err(Error::BadData("INQUIRY"));
         }
@@ -133,10 +133,11 @@ impl Session {
         let c = self
             .command(lun, &[0x12, 1, page, 0x10, 0, 0], Bytes::new(), 4096)
             .await?;
-        if c.data.len() < 4 || c.data[1] != page {
+        let d = c.data.into_bytes();
+        if d.len() < 4 || d[1] != page {
             return Err(Error::BadData("VPD page"));
         }
-        Ok(c.data)
+        Ok(d)
     }
 
     /// READ CAPACITY (16).
@@ -146,7 +147,7 @@ impl Session {
         cdb[1] = 0x10;
         cdb[13] = 32;
         let c = self.command(lun, &cdb, Bytes::new(), 32).await?;
-        let d = &c.data;
+        let d = c.data.into_bytes();
         if d.len() < 15 {
             return Err(Error::BadData("READ CAPACITY (16)"));
         }
@@ -173,7 +174,7 @@ impl Session {
         cdb[0] = 0xa0;
         cdb[6..10].copy_from_slice(&alloc.to_be_bytes());
         let c = self.command(0, &cdb, Bytes::new(), alloc).await?;
-        let d = &c.data;
+        let d = c.data.into_bytes();
         if d.len() < 8 {
             return Err(Error::BadData("REPORT LUNS"));
         }
@@ -189,7 +190,8 @@ impl Session {
             .collect())
     }
 
-    /// READ (16) of `blocks` blocks of `block_size` bytes at `lba`.
+    /// READ (16) of `blocks` blocks of `block_size` bytes at `lba`, as one buffer (a copy
+    /// when the data came in more than one Data-In PDU; see [`Session::read_segments`]).
     pub async fn read(
         &self,
         lun: u64,
@@ -197,6 +199,21 @@ impl Session {
         blocks: u32,
         block_size: u32,
     ) -> Result<Bytes, Error> {
+        Ok(self
+            .read_segments(lun, lba, blocks, block_size)
+            .await?
+            .into_bytes())
+    }
+
+    /// READ (16) of `blocks` blocks of `block_size` bytes at `lba`, as the Data-In segments
+    /// received (slices of the receive buffer, never copied).
+    pub async fn read_segments(
+        &self,
+        lun: u64,
+        lba: u64,
+        blocks: u32,
+        block_size: u32,
+    ) -> Result<DataIn, Error> {
         let len = blocks
             .checked_mul(block_size)
             .ok_or(Error::BadData("read length"))?;

@@ -27,7 +27,7 @@ pub use discovery::{discover, parse_send_targets, DiscoveredTarget};
 pub use error::Error;
 pub use iscsi_proto::chap::{ChapAlgorithm, Credentials};
 pub use iscsi_proto::initiator::{
-    ChapConfig, Residual, ScsiCompletion, ScsiRequest, TargetNotice, TaskAttr,
+    ChapConfig, DataIn, Residual, ScsiCompletion, ScsiRequest, TargetNotice, TaskAttr,
 };
 pub use iscsi_proto::keys::Digest;
 pub use iscsi_wire::Isid;

@@ -138,6 +138,16 @@ async fn crc32c_digests_when_offered_alone() {
     let data = pattern(1 << 20, 7);
     s.write(0, 100, data.clone(), BLOCK).await.expect("write");
     assert_eq!(s.read(0, 100, 2048, BLOCK).await.expect("read"), data);
+    // The same read as received: one segment per Data-In PDU (at most
+    // MaxRecvDataSegmentLength each), equal to the data written.
+    let segments = s.read_segments(0, 100, 2048, BLOCK).await.expect("read");
+    let max = p.max_recv_data_segment_length as usize;
+    assert!(segments.segments().len() >= (1 << 20) / max, "{segments:?}");
+    assert!(segments.segments().iter().all(|b| b.len() <= max));
+    assert_eq!(segments, data);
+    let mut mine = vec![0u8; 1 << 20];
+    segments.copy_to_slice(&mut mine);
+    assert_eq!(mine, data);
     running.shutdown().await;
 }
 

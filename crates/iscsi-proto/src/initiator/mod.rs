@@ -10,8 +10,8 @@
 //! In full feature phase the session takes SCSI commands tagged with the caller's own
 //! [`TaskId`] (stable across reconnects, unlike the ITT), keeps the command window
 //! (CmdSN/ExpCmdSN/MaxCmdSN), sends immediate and unsolicited data and the Data-Out that R2Ts
-//! solicit, gathers Data-In into one buffer per task, and reports completions, task management
-//! and text answers as [`Event`]s. When the connection fails the driver takes the tasks that
+//! solicit, keeps the Data-In segments of each task as they arrived (a [`DataIn`], no copy),
+//! and reports completions, task management and text answers as [`Event`]s. When the connection fails the driver takes the tasks that
 //! did not complete with [`InitiatorSession::take_outstanding`], logs in again with the same
 //! InitiatorName + ISID (the target reinstates the session) and submits them to the new
 //! session in their original order: no task completes twice, because the old session's PDUs
@@ -29,7 +29,7 @@ pub use session::InitiatorSession;
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use iscsi_wire::{AsyncEvent, Isid, LoginStatus, ServiceResponse, Status, TmfResponse};
 
 use crate::chap::{AuthError, ChapAlgorithm, Credentials};
@@ -211,10 +211,222 @@ pub struct ScsiCompletion {
     pub status: Status,
     /// Sense data (without the 2-byte SenseLength), empty if none.
     pub sense: Bytes,
-    /// Data-In as received, at most `read_len` bytes.
-    pub data: Bytes,
+    /// Data-In as received, at most `read_len` bytes: the received segments themselves.
+    pub data: DataIn,
     pub residual: Residual,
 }
+
+/// The data of a read: the Data-In segments as they came off the wire, in order.
+///
+/// Each segment is a slice of the connection's receive buffer, so gathering a read copies
+/// nothing. A caller that needs one contiguous buffer takes [`DataIn::to_bytes`] (free for one
+/// segment, one copy otherwise); one with a buffer of its own uses [`DataIn::copy_to_slice`]
+/// (exactly one copy) or writes the [`segments`](DataIn::segments) out with a vectored write.
+/// Equality compares contents, not where the segments are cut.
+#[derive(Clone, Default)]
+pub struct DataIn {
+    /// Never empty ones.
+    segments: Vec<Bytes>,
+    len: usize,
+}
+
+impl DataIn {
+    pub fn new() -> DataIn {
+        DataIn::default()
+    }
+
+    /// Appends a segment (an empty one is dropped).
+    pub fn push(&mut self, segment: Bytes) {
+        if !segment.is_empty() {
+            self.len += segment.len();
+            self.segments.push(segment);
+        }
+    }
+
+    /// Bytes in all segments.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The segments in order, none of them empty.
+    pub fn segments(&self) -> &[Bytes] {
+        &self.segments
+    }
+
+    /// The segments in order as byte slices.
+    pub fn iter(&self) -> Chunks<'_> {
+        Chunks(self.segments.iter())
+    }
+
+    /// The data as one buffer: the segment itself when there is only one (no copy), else one
+    /// copy.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.segments.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => concat(many, self.len),
+        }
+    }
+
+    /// [`to_bytes`](DataIn::to_bytes), consuming the segments.
+    pub fn into_bytes(mut self) -> Bytes {
+        match self.segments.len() {
+            0 => Bytes::new(),
+            1 => self.segments.swap_remove(0),
+            _ => concat(&self.segments, self.len),
+        }
+    }
+
+    /// Copies the data to the start of `dst` (one copy); the rest of `dst` is left as it is.
+    ///
+    /// # Panics
+    ///
+    /// If `dst` is shorter than [`len`](DataIn::len).
+    pub fn copy_to_slice(&self, dst: &mut [u8]) {
+        assert!(
+            dst.len() >= self.len,
+            "copy_to_slice: {} bytes of data into {} bytes",
+            self.len,
+            dst.len()
+        );
+        let mut at = 0;
+        for s in &self.segments {
+            dst[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+    }
+
+    /// Same contents as the chunks of `other`, `other_len` bytes in all.
+    fn same_as<'a>(&self, other: impl IntoIterator<Item = &'a [u8]>, other_len: usize) -> bool {
+        if self.len != other_len {
+            return false;
+        }
+        let mut ours = self.iter();
+        let (mut a, mut b): (&[u8], &[u8]) = (&[], &[]);
+        for chunk in other {
+            b = chunk;
+            while !b.is_empty() {
+                if a.is_empty() {
+                    // The lengths are equal, so ours cannot run out first.
+                    a = ours.next().unwrap_or_default();
+                    if a.is_empty() {
+                        return false;
+                    }
+                }
+                let n = a.len().min(b.len());
+                if a[..n] != b[..n] {
+                    return false;
+                }
+                (a, b) = (&a[n..], &b[n..]);
+            }
+        }
+        debug_assert!(b.is_empty() && a.is_empty());
+        true
+    }
+}
+
+fn concat(segments: &[Bytes], len: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(len);
+    for s in segments {
+        buf.extend_from_slice(s);
+    }
+    buf.freeze()
+}
+
+impl std::fmt::Debug for DataIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataIn")
+            .field("len", &self.len)
+            .field("segments", &self.segments.len())
+            .finish()
+    }
+}
+
+impl From<Bytes> for DataIn {
+    fn from(b: Bytes) -> DataIn {
+        let mut d = DataIn::new();
+        d.push(b);
+        d
+    }
+}
+
+impl From<Vec<u8>> for DataIn {
+    fn from(v: Vec<u8>) -> DataIn {
+        DataIn::from(Bytes::from(v))
+    }
+}
+
+impl FromIterator<Bytes> for DataIn {
+    fn from_iter<I: IntoIterator<Item = Bytes>>(iter: I) -> DataIn {
+        let mut d = DataIn::new();
+        for b in iter {
+            d.push(b);
+        }
+        d
+    }
+}
+
+impl<'a> IntoIterator for &'a DataIn {
+    type Item = &'a [u8];
+    type IntoIter = Chunks<'a>;
+    fn into_iter(self) -> Chunks<'a> {
+        self.iter()
+    }
+}
+
+impl PartialEq for DataIn {
+    fn eq(&self, other: &DataIn) -> bool {
+        self.same_as(other, other.len)
+    }
+}
+
+impl Eq for DataIn {}
+
+impl PartialEq<[u8]> for DataIn {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.same_as([other], other.len())
+    }
+}
+
+impl PartialEq<&[u8]> for DataIn {
+    fn eq(&self, other: &&[u8]) -> bool {
+        *self == **other
+    }
+}
+
+impl PartialEq<Bytes> for DataIn {
+    fn eq(&self, other: &Bytes) -> bool {
+        *self == other[..]
+    }
+}
+
+/// The segments of a [`DataIn`] as byte slices, from [`DataIn::iter`].
+#[derive(Clone, Debug)]
+pub struct Chunks<'a>(std::slice::Iter<'a, Bytes>);
+
+impl<'a> Iterator for Chunks<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        self.0.next().map(|b| &b[..])
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl DoubleEndedIterator for Chunks<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.0.next_back().map(|b| &b[..])
+    }
+}
+
+impl ExactSizeIterator for Chunks<'_> {}
+
+impl std::iter::FusedIterator for Chunks<'_> {}
 
 /// Something the target told us outside a task (§11.9).
 #[derive(Clone, Debug, PartialEq, Eq)]

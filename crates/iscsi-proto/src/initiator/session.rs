@@ -13,8 +13,10 @@
 //!   management, logout and NOP-Out are immediate and never wait.
 //! - Write data: immediate data, unsolicited Data-Out up to FirstBurstLength, and the
 //!   Data-Out each R2T solicits, all as slices of the caller's buffer (never copied).
-//! - Read data: Data-In is appended to one buffer per task (the one copy out of the receive
-//!   buffer); status comes from the last Data-In (phase collapse) or a SCSI Response.
+//! - Read data: the Data-In segments of a task are kept as they arrived, slices of the
+//!   receive buffer (no copy), and completed as a [`DataIn`]; only data out of order (allowed
+//!   with DataPDUInOrder=No) is gathered into one buffer, zeros where nothing arrived yet.
+//!   Status comes from the last Data-In (phase collapse) or a SCSI Response.
 //! - NOP: the target's pings are answered; after `nop_interval` of silence we ping, and a
 //!   further `nop_timeout` of silence fails the connection. Any PDU counts as an answer, so a
 //!   busy connection is never declared dead.
@@ -41,14 +43,14 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use iscsi_wire::pdu::ahs;
 use iscsi_wire::{
-    AsyncEvent, AsyncMessage, Bhs, DataIn, DataOut, Header, LogoutReason, LogoutRequest,
-    LogoutResponse, LogoutResponseCode, NopIn, NopOut, Opcode, PduError, R2t, RawPdu, Reject,
-    ScsiCommand, ScsiResponse, ServiceResponse, Status, TaskMgmtRequest, TaskMgmtResponse,
-    TextRequest, TextResponse, TmfFunction, TmfResponse, BHS_LEN, RESERVED_TAG,
+    AsyncEvent, AsyncMessage, Bhs, DataIn as DataInPdu, DataOut, Header, LogoutReason,
+    LogoutRequest, LogoutResponse, LogoutResponseCode, NopIn, NopOut, Opcode, PduError, R2t,
+    RawPdu, Reject, ScsiCommand, ScsiResponse, ServiceResponse, Status, TaskMgmtRequest,
+    TaskMgmtResponse, TextRequest, TextResponse, TmfFunction, TmfResponse, BHS_LEN, RESERVED_TAG,
 };
 
 use super::{
-    Event, LoginResult, Residual, ScsiCompletion, ScsiRequest, SessionConfig, SubmitError,
+    DataIn, Event, LoginResult, Residual, ScsiCompletion, ScsiRequest, SessionConfig, SubmitError,
     TargetNotice, TaskId,
 };
 use crate::keys::{self, SessionParams};
@@ -59,8 +61,9 @@ use crate::OutPdu;
 const BHS_CDB_LEN: usize = 16;
 /// Longest CDB we send (SPC-4's variable-length CDBs end at 260 bytes).
 const MAX_CDB_LEN: usize = 260;
-/// Most of a read buffer reserved at its first Data-In; larger reads grow as data arrives, so
-/// a huge `read_len` answered with little data does not commit memory.
+/// Most of a read buffer reserved when out-of-order Data-In makes us gather into one; larger
+/// reads grow as data arrives, so a huge `read_len` answered with little data does not commit
+/// memory.
 const MAX_READ_PREALLOC: usize = 16 << 20;
 /// Most text a target may send for one Text Request (SendTargets of many targets fits).
 const MAX_TEXT_RESPONSE: usize = 1 << 20;
@@ -117,7 +120,62 @@ struct ScsiTask {
     /// The DataSN of the next Data-In, which is also the R2TSN of the next R2T: for a
     /// bidirectional command both share one numbering (§11.7.4, §11.8.3).
     next_in_sn: u32,
-    data_in: BytesMut,
+    data_in: Gather,
+}
+
+/// The Data-In of one task so far.
+enum Gather {
+    /// Every segment started where the previous one ended: the segments themselves.
+    InOrder(DataIn),
+    /// Some segment did not (DataPDUInOrder=No, or a target's bug): one buffer, zeros where
+    /// nothing arrived yet, as long as the furthest byte received.
+    Gathered(BytesMut),
+}
+
+impl Gather {
+    fn new() -> Gather {
+        Gather::InOrder(DataIn::new())
+    }
+
+    /// Places `data` (not empty, within the read) at `start`.
+    fn add(&mut self, start: usize, data: Bytes, read_len: usize) {
+        if let Gather::InOrder(segments) = self {
+            if start == segments.len() {
+                segments.push(data);
+                return;
+            }
+            let mut buf = BytesMut::with_capacity(read_len.min(MAX_READ_PREALLOC));
+            for s in segments.segments() {
+                buf.extend_from_slice(s);
+            }
+            *self = Gather::Gathered(buf);
+        }
+        if let Gather::Gathered(buf) = self {
+            if start > buf.len() {
+                // A gap: zeros until it is filled.
+                buf.resize(start, 0);
+            }
+            let overlap = (buf.len() - start).min(data.len());
+            buf[start..start + overlap].copy_from_slice(&data[..overlap]);
+            buf.extend_from_slice(&data[overlap..]);
+        }
+    }
+
+    /// Bytes so far (to the furthest one received).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Gather::InOrder(segments) => segments.len(),
+            Gather::Gathered(buf) => buf.len(),
+        }
+    }
+
+    fn finish(self) -> DataIn {
+        match self {
+            Gather::InOrder(segments) => segments,
+            Gather::Gathered(buf) => DataIn::from(buf.freeze()),
+        }
+    }
 }
 
 /// Requests other than SCSI commands (rare: kept apart so the hot map stays small).
@@ -254,7 +312,7 @@ impl InitiatorSession {
                 request,
                 cmd_sn: None,
                 next_in_sn: 0,
-                data_in: BytesMut::new(),
+                data_in: Gather::new(),
             },
         );
         self.ids.insert(task, itt);
@@ -736,7 +794,7 @@ impl InitiatorSession {
         }
     }
 
-    fn handle_data_in(&mut self, d: DataIn, data: Bytes) -> Result<(), Fault> {
+    fn handle_data_in(&mut self, d: DataInPdu, data: Bytes) -> Result<(), Fault> {
         self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
         let task = match self.scsi.get_mut(&d.itt) {
             Some(t) if t.cmd_sn.is_some() => t,
@@ -759,17 +817,7 @@ impl InitiatorSession {
             )));
         }
         if !data.is_empty() {
-            let buf = &mut task.data_in;
-            if buf.capacity() == 0 {
-                buf.reserve(read_len.min(MAX_READ_PREALLOC));
-            }
-            if start > buf.len() {
-                // A gap (data out of order despite DataPDUInOrder): zeros until it is filled.
-                buf.resize(start, 0);
-            }
-            let overlap = (buf.len() - start).min(data.len());
-            buf[start..start + overlap].copy_from_slice(&data[..overlap]);
-            buf.extend_from_slice(&data[overlap..]);
+            task.data_in.add(start, data, read_len);
         }
         let Some(status) = d.status else {
             return Ok(());
@@ -1153,7 +1201,7 @@ impl InitiatorSession {
             response,
             status,
             sense,
-            data: task.data_in.freeze(),
+            data: task.data_in.finish(),
             residual,
         }));
     }

@@ -10,6 +10,8 @@ use bytes::{Bytes, BytesMut};
 use iscsi_wire::frame::encode_pdu;
 use iscsi_wire::pdu::ahs;
 use iscsi_wire::*;
+// The Data-In PDU header, not the initiator's gathered data of the same name.
+use iscsi_wire::DataIn;
 use proptest::prelude::*;
 
 use super::*;
@@ -433,7 +435,7 @@ fn read_with_phase_collapsed_status() {
     assert_eq!(c.status, Status::GOOD);
     assert_eq!(c.residual, Residual::None);
     assert!(c.sense.is_empty());
-    assert_eq!(&c.data[..], block(&p.disk, 3, 4));
+    assert_eq!(c.data, block(&p.disk, 3, 4));
     assert_eq!(p.init.outstanding(), 0);
     // The command carried the read length; nothing else went out.
     assert_eq!(p.wire.len(), 1);
@@ -457,7 +459,7 @@ fn read_split_into_many_data_in() {
     let c = p.run(1, read(0, 256));
     assert_eq!(c.status, Status::GOOD);
     assert_eq!(c.data.len(), 256 * BLOCK);
-    assert_eq!(&c.data[..], block(&p.disk, 0, 256));
+    assert_eq!(c.data, block(&p.disk, 0, 256));
 }
 
 #[test]
@@ -478,13 +480,105 @@ fn read_gathers_with_gaps_and_truncates_to_what_arrived() {
     s.handle_pdu(raw(last.to_bhs(), Bytes::new()), now);
     let c = completions(events(&mut s)).pop().unwrap();
     assert_eq!(c.data.len(), 1536);
-    assert_eq!(&c.data[..512], &[1u8; 512][..]);
-    assert_eq!(&c.data[512..1024], &[0u8; 512][..]);
-    assert_eq!(&c.data[1024..], &[3u8; 512][..]);
+    let data = c.data.to_bytes();
+    assert_eq!(&data[..512], &[1u8; 512][..]);
+    assert_eq!(&data[512..1024], &[0u8; 512][..]);
+    assert_eq!(&data[1024..], &[3u8; 512][..]);
     assert_eq!(c.residual, Residual::Underflow(512));
     assert_eq!(s.exp_stat_sn(), 51);
     assert_eq!(s.exp_cmd_sn(), 101);
     assert_eq!(s.max_cmd_sn(), 132);
+}
+
+#[test]
+fn read_keeps_the_received_segments_without_copying() {
+    let mut s = session();
+    s.submit(TaskId(1), read(0, 6)).unwrap();
+    let itt = command(&sent(&mut s)).itt;
+    let now = Instant::now();
+    // As the framer hands them out: slices of one receive buffer, and one of another.
+    let rx = pattern(2048, 9);
+    let fed = [rx.slice(..1024), rx.slice(1024..), pattern(1024, 4)];
+    let mut offset = 0;
+    for (sn, seg) in fed.iter().enumerate() {
+        let status = (sn == 2).then_some((Status::GOOD, 50));
+        let d = data_in(itt, sn as u32, offset, status);
+        s.handle_pdu(raw(d.to_bhs(), seg.clone()), now);
+        offset += seg.len() as u32;
+    }
+    let c = completions(events(&mut s)).pop().unwrap();
+    assert_eq!(c.status, Status::GOOD);
+    assert_eq!(c.data.len(), 3072);
+    let got: Vec<(*const u8, usize)> = c
+        .data
+        .segments()
+        .iter()
+        .map(|b| (b.as_ptr(), b.len()))
+        .collect();
+    let want: Vec<(*const u8, usize)> = fed.iter().map(|b| (b.as_ptr(), b.len())).collect();
+    assert_eq!(got, want, "the completion holds the fed buffers themselves");
+    let whole: Vec<u8> = fed.iter().flat_map(|b| b.iter().copied()).collect();
+    assert_eq!(c.data, whole[..]);
+    assert_eq!(c.data.to_bytes(), whole);
+
+    // Through the real target and framer: one segment per Data-In PDU.
+    let mut p = pair(&[("MaxRecvDataSegmentLength", "4096")]);
+    let c = p.run(1, read(0, 64));
+    assert_eq!(c.data.segments().len(), 8);
+    assert!(c.data.segments().iter().all(|b| b.len() == 4096));
+    assert_eq!(c.data, block(&p.disk, 0, 64));
+}
+
+#[test]
+fn read_out_of_order_falls_back_to_one_buffer() {
+    let mut s = session();
+    s.submit(TaskId(1), read(0, 5)).unwrap();
+    let itt = command(&sent(&mut s)).itt;
+    let now = Instant::now();
+    // (offset, fill byte) of five 512-byte Data-In; the last one carries the status.
+    let pdus = [
+        (0, 1),
+        (512, 2),
+        // Out of order from here: the kept segments are gathered into one buffer.
+        (2048, 5),
+        (1536, 4),
+        (1024, 3),
+    ];
+    for (sn, (offset, fill)) in pdus.into_iter().enumerate() {
+        let status = (sn == 4).then_some((Status::GOOD, 50));
+        let d = data_in(itt, sn as u32, offset, status);
+        s.handle_pdu(raw(d.to_bhs(), vec![fill; 512]), now);
+    }
+    let c = completions(events(&mut s)).pop().unwrap();
+    assert_eq!(c.status, Status::GOOD);
+    assert_eq!(c.data.segments().len(), 1);
+    let want: Vec<u8> = (1..=5u8).flat_map(|f| [f; 512]).collect();
+    assert_eq!(c.data, want[..]);
+
+    // Data sent again over what arrived (the later bytes win), then in order again: still one
+    // buffer, still never beyond read_len.
+    s.submit(TaskId(2), read(0, 2)).unwrap();
+    let itt = command(&sent(&mut s)).itt;
+    s.handle_pdu(raw(data_in(itt, 0, 0, None).to_bhs(), vec![1u8; 768]), now);
+    s.handle_pdu(
+        raw(data_in(itt, 1, 256, None).to_bhs(), vec![2u8; 256]),
+        now,
+    );
+    let last = data_in(itt, 2, 768, Some((Status::GOOD, 51)));
+    s.handle_pdu(raw(last.to_bhs(), vec![3u8; 256]), now);
+    let c = completions(events(&mut s)).pop().unwrap();
+    let want: Vec<u8> = [[1u8; 256], [2; 256], [1; 256], [3; 256]].concat();
+    assert_eq!(c.data, want[..]);
+    assert_eq!(c.data.segments().len(), 1);
+
+    // Out of order past the end is still an overrun.
+    s.submit(TaskId(3), read(0, 1)).unwrap();
+    let itt = command(&sent(&mut s)).itt;
+    s.handle_pdu(
+        raw(data_in(itt, 0, 256, None).to_bhs(), vec![1u8; 257]),
+        now,
+    );
+    assert!(failed(&events(&mut s)));
 }
 
 #[test]
@@ -496,7 +590,7 @@ fn underflow_residual() {
     let c = p.run(1, req);
     assert_eq!(c.status, Status::GOOD);
     assert_eq!(c.residual, Residual::Underflow(8192 - 1024));
-    assert_eq!(&c.data[..], block(&p.disk, 5, 2));
+    assert_eq!(c.data, block(&p.disk, 5, 2));
 
     // And from a SCSI Response, with overflow.
     let mut s = session();
@@ -758,7 +852,7 @@ fn window_full_commands_queue_until_max_cmd_sn_grows() {
     let order: Vec<u64> = done.iter().map(|c| c.task.0).collect();
     assert_eq!(order, vec![0, 1, 2, 3, 4]);
     for c in &done {
-        assert_eq!(&c.data[..], block(&p.disk, c.task.0 as usize, 1));
+        assert_eq!(c.data, block(&p.disk, c.task.0 as usize, 1));
     }
     let sns: Vec<u32> = p
         .sent_of(|h| match h {
@@ -1101,7 +1195,7 @@ fn extended_cdb_round_trips_through_the_target() {
     p.pump();
     let c = completions(p.events());
     assert_eq!((c[0].task, c[0].status), (TaskId(1), Status::GOOD));
-    assert_eq!(&c[0].data[..], block(&p.disk, 5, 2));
+    assert_eq!(c[0].data, block(&p.disk, 5, 2));
     assert!(p.target_closed.is_none());
 }
 

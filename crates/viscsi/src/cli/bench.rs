@@ -196,11 +196,23 @@ async fn worker(plan: Arc<Plan>, id: u64) -> Result<Histogram, String> {
             };
             retry_unit_attention(write).await
         } else {
+            // The data stays in the Data-In segments it arrived in: only its length counts.
             let read = || {
                 plan.session
-                    .read(plan.lun, lba, plan.blocks_per_io, plan.block_size)
+                    .read_segments(plan.lun, lba, plan.blocks_per_io, plan.block_size)
             };
-            retry_unit_attention(read).await.map(drop)
+            let want = u64::from(plan.blocks_per_io) * u64::from(plan.block_size);
+            match retry_unit_attention(read).await {
+                Ok(data) if data.len() as u64 != want => {
+                    plan.stop.store(true, Ordering::Relaxed);
+                    return Err(format!(
+                        "I/O at LBA {lba}: {} bytes read instead of {}",
+                        data.len(),
+                        want
+                    ));
+                }
+                other => other.map(drop),
+            }
         };
         if let Err(e) = result {
             plan.stop.store(true, Ordering::Relaxed);

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use clap::Args;
 use initiator::url::{self, IscsiUrl};
-use initiator::Session;
+use initiator::{DataIn, Session};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -154,20 +154,23 @@ impl Lun {
         })
     }
 
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, String> {
+    /// Reads `len` bytes at `offset`, as the Data-In segments received (no copy).
+    async fn read(&self, offset: u64, len: u64) -> Result<DataIn, String> {
         let bs = u64::from(self.block_size);
         let blocks = u32::try_from(len / bs).map_err(|_| "chunk too large".to_owned())?;
         let lba = offset / bs;
-        let data =
-            retry_unit_attention(|| self.session.read(self.lun, lba, blocks, self.block_size))
-                .await
-                .map_err(|e| {
-                    format!(
-                        "reading {} at byte {offset}: {}",
-                        self.shown,
-                        describe_error(&e)
-                    )
-                })?;
+        let data = retry_unit_attention(|| {
+            self.session
+                .read_segments(self.lun, lba, blocks, self.block_size)
+        })
+        .await
+        .map_err(|e| {
+            format!(
+                "reading {} at byte {offset}: {}",
+                self.shown,
+                describe_error(&e)
+            )
+        })?;
         if data.len() as u64 != len {
             return Err(format!(
                 "reading {} at byte {offset}: {} bytes instead of {len}",
@@ -425,7 +428,7 @@ fn sink_lun(s: &Sink) -> Option<&Lun> {
 }
 
 /// Reads `len` bytes at `offset` from a random-access source.
-async fn read_chunk(src: &Source, offset: u64, len: u64) -> Result<Bytes, String> {
+async fn read_chunk(src: &Source, offset: u64, len: u64) -> Result<DataIn, String> {
     match src {
         Source::Lun(l) => l.read(offset, len).await,
         Source::File(f) => {
@@ -433,7 +436,7 @@ async fn read_chunk(src: &Source, offset: u64, len: u64) -> Result<Bytes, String
             tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len as usize];
                 f.read_exact_at(&mut buf, offset)
-                    .map(|()| Bytes::from(buf))
+                    .map(|()| DataIn::from(buf))
                     .map_err(|e| format!("reading SRC at byte {offset}: {e}"))
             })
             .await
@@ -443,14 +446,15 @@ async fn read_chunk(src: &Source, offset: u64, len: u64) -> Result<Bytes, String
     }
 }
 
-/// Writes a chunk to a random-access sink.
-async fn write_chunk(dst: &Sink, offset: u64, data: Bytes) -> Result<(), String> {
+/// Writes a chunk to a random-access sink: a file gets the segments as they are, a LUN one
+/// buffer (a copy only when the chunk came from a LUN in several Data-In PDUs).
+async fn write_chunk(dst: &Sink, offset: u64, data: DataIn) -> Result<(), String> {
     match dst {
-        Sink::Lun(l) => l.write(offset, data).await,
+        Sink::Lun(l) => l.write(offset, data.into_bytes()).await,
         Sink::File { file, .. } => {
             let f = file.clone();
             tokio::task::spawn_blocking(move || {
-                f.write_all_at(&data, offset)
+                write_all_segments_at(&f, data.segments(), offset)
                     .map_err(|e| format!("writing DST at byte {offset}: {e}"))
             })
             .await
@@ -458,6 +462,43 @@ async fn write_chunk(dst: &Sink, offset: u64, data: Bytes) -> Result<(), String>
         }
         Sink::Stdout => Err("standard output is not seekable".into()),
     }
+}
+
+/// Most iovecs in one `pwritev` (IOV_MAX on Linux).
+const MAX_IOVECS: usize = 1024;
+
+/// Writes `segments` one after the other at `offset`, with positional vectored writes (the
+/// segments are never concatenated).
+fn write_all_segments_at(file: &File, segments: &[Bytes], offset: u64) -> std::io::Result<()> {
+    let mut left: Vec<&[u8]> = segments.iter().map(|b| &b[..]).collect();
+    let mut first = 0;
+    let mut at = offset;
+    while first < left.len() {
+        let iov: Vec<IoSlice<'_>> = left[first..]
+            .iter()
+            .take(MAX_IOVECS)
+            .map(|s| IoSlice::new(s))
+            .collect();
+        let mut n = match rustix::io::pwritev(file, &iov, at) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += n as u64;
+        // Skip what was written: whole segments, then the front of a partly written one.
+        while n > 0 {
+            let seg = left[first];
+            if n >= seg.len() {
+                n -= seg.len();
+                first += 1;
+            } else {
+                left[first] = &seg[n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Chunks of standard input, read by a thread so the runtime never blocks on it.
@@ -494,7 +535,7 @@ fn spawn_stdin_reader(chunk: usize, depth: usize) -> mpsc::Receiver<Result<Bytes
 /// A finished chunk: its length, and its data when it still has to go to standard output.
 struct Done {
     len: u64,
-    for_stdout: Option<Bytes>,
+    for_stdout: Option<DataIn>,
 }
 
 type Job = Result<Done, String>;
@@ -539,7 +580,9 @@ impl InFlight {
         if let Some(data) = done.for_stdout {
             tokio::task::spawn_blocking(move || {
                 let mut out = std::io::stdout().lock();
-                out.write_all(&data).and_then(|()| out.flush())
+                data.iter()
+                    .try_for_each(|segment| out.write_all(segment))
+                    .and_then(|()| out.flush())
             })
             .await
             .map_err(|e| e.to_string())?
@@ -587,7 +630,7 @@ async fn transfer(
             let (len, data) = match (&mut stdin, total) {
                 (Some(rx), _) => match rx.recv().await {
                     Some(data) => {
-                        let data = data?;
+                        let data = DataIn::from(data?);
                         (data.len() as u64, Some(data))
                     }
                     None => break,
@@ -635,4 +678,33 @@ async fn transfer(
         return Err(e);
     }
     Ok((copied, dst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments land one after the other at the offset, around what the file held.
+    #[test]
+    fn segments_are_written_in_place() {
+        let path = std::env::temp_dir().join(format!("viscsi-cp-segments-{}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.write_all_at(&[0xee; 64], 0).unwrap();
+        let whole: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let whole = Bytes::from(whole);
+        let segments = [whole.slice(..1), whole.slice(1..4096), whole.slice(4096..)];
+        write_all_segments_at(&file, &segments, 10).unwrap();
+        let mut back = Vec::new();
+        File::open(&path).unwrap().read_to_end(&mut back).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(back.len(), 5010);
+        assert_eq!(&back[..10], &[0xee; 10]);
+        assert_eq!(&back[10..], &whole[..]);
+    }
 }

@@ -138,7 +138,7 @@ async fn standard(session: &Session, lun: u64) -> Result<String, String> {
         .command(lun, &[0x12, 0, 0, 0, 255, 0], Bytes::new(), 255)
         .await
         .map_err(|e| format!("INQUIRY: {}", describe_error(&e)))?;
-    decode_standard(&c.data)
+    decode_standard(&c.data.into_bytes())
 }
 
 /// The standard INQUIRY fields, one per line.
