@@ -285,7 +285,7 @@ impl Driver {
         loop {
             pump_transmit(live);
             while let Some(event) = live.session.poll_event() {
-                if let Some(outcome) = self.on_event(live, event) {
+                if let Some(outcome) = self.on_event(event) {
                     return outcome;
                 }
             }
@@ -367,7 +367,7 @@ impl Driver {
         }
     }
 
-    fn on_event(&mut self, live: &mut Live, event: Event) -> Option<Outcome> {
+    fn on_event(&mut self, event: Event) -> Option<Outcome> {
         match event {
             Event::Completed(c) => {
                 let counters = &self.shared.counters;
@@ -399,12 +399,12 @@ impl Driver {
                 }
                 Some(Outcome::LoggedOut)
             }
-            Event::Notice(notice) => self.on_notice(live, notice),
+            Event::Notice(notice) => self.on_notice(notice),
             Event::ConnectionFailed { reason } => Some(Outcome::Failed(reason)),
         }
     }
 
-    fn on_notice(&mut self, _live: &mut Live, notice: TargetNotice) -> Option<Outcome> {
+    fn on_notice(&mut self, notice: TargetNotice) -> Option<Outcome> {
         match notice {
             // The target wants this connection gone: reinstating the session on a new one
             // does that and keeps the commands.

@@ -19,7 +19,7 @@ use initiator::Session;
 use super::cpu::CpuTime;
 use super::histogram::Histogram;
 use super::units::{human_bytes, mib_per_sec, parse_duration, parse_size};
-use super::{close, describe_error, retry_unit_attention, ConnectArgs, Connection};
+use super::{close, describe_error, ConnectArgs, Connection};
 
 /// What the workers do.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -190,19 +190,16 @@ async fn worker(plan: Arc<Plan>, id: u64) -> Result<Histogram, String> {
         let lba = slot * u64::from(plan.blocks_per_io);
         let started = Instant::now();
         let result = if plan.workload.writes() {
-            let write = || {
-                plan.session
-                    .write(plan.lun, lba, plan.pattern.clone(), plan.block_size)
-            };
-            retry_unit_attention(write).await
+            plan.session
+                .write(plan.lun, lba, plan.pattern.clone(), plan.block_size)
+                .await
         } else {
             // The data stays in the Data-In segments it arrived in: only its length counts.
-            let read = || {
-                plan.session
-                    .read_segments(plan.lun, lba, plan.blocks_per_io, plan.block_size)
-            };
             let want = u64::from(plan.blocks_per_io) * u64::from(plan.block_size);
-            match retry_unit_attention(read).await {
+            let read =
+                plan.session
+                    .read_segments(plan.lun, lba, plan.blocks_per_io, plan.block_size);
+            match read.await {
                 Ok(data) if data.len() as u64 != want => {
                     plan.stop.store(true, Ordering::Relaxed);
                     return Err(format!(
@@ -243,7 +240,8 @@ pub async fn run(config: BenchConfig) -> Result<(), String> {
 }
 
 async fn measure(config: &BenchConfig, session: &Session) -> Result<Report, String> {
-    let capacity = retry_unit_attention(|| session.read_capacity(config.lun))
+    let capacity = session
+        .read_capacity(config.lun)
         .await
         .map_err(|e| format!("READ CAPACITY: {}", describe_error(&e)))?;
     let bs = u64::from(capacity.block_size);

@@ -25,7 +25,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::progress::Progress;
 use super::units::{human_bytes, mib_per_sec, parse_size};
-use super::{close, describe_error, retry_unit_attention, ConnectArgs, Connection};
+use super::{close, describe_error, ConnectArgs, Connection};
 
 /// `viscsi cp` flags.
 #[derive(Args)]
@@ -142,7 +142,8 @@ impl Lun {
             Some(s) => s.clone(),
             None => connection.connect(u).await?,
         };
-        let capacity = retry_unit_attention(|| session.read_capacity(lun))
+        let capacity = session
+            .read_capacity(lun)
             .await
             .map_err(|e| format!("{u}: READ CAPACITY: {}", describe_error(&e)))?;
         Ok(Lun {
@@ -159,18 +160,17 @@ impl Lun {
         let bs = u64::from(self.block_size);
         let blocks = u32::try_from(len / bs).map_err(|_| "chunk too large".to_owned())?;
         let lba = offset / bs;
-        let data = retry_unit_attention(|| {
-            self.session
-                .read_segments(self.lun, lba, blocks, self.block_size)
-        })
-        .await
-        .map_err(|e| {
-            format!(
-                "reading {} at byte {offset}: {}",
-                self.shown,
-                describe_error(&e)
-            )
-        })?;
+        let data = self
+            .session
+            .read_segments(self.lun, lba, blocks, self.block_size)
+            .await
+            .map_err(|e| {
+                format!(
+                    "reading {} at byte {offset}: {}",
+                    self.shown,
+                    describe_error(&e)
+                )
+            })?;
         if data.len() as u64 != len {
             return Err(format!(
                 "reading {} at byte {offset}: {} bytes instead of {len}",
@@ -193,18 +193,16 @@ impl Lun {
             padded.freeze()
         };
         let lba = offset / bs as u64;
-        retry_unit_attention(|| {
-            self.session
-                .write(self.lun, lba, data.clone(), self.block_size)
-        })
-        .await
-        .map_err(|e| {
-            format!(
-                "writing {} at byte {offset}: {}",
-                self.shown,
-                describe_error(&e)
-            )
-        })
+        self.session
+            .write(self.lun, lba, data, self.block_size)
+            .await
+            .map_err(|e| {
+                format!(
+                    "writing {} at byte {offset}: {}",
+                    self.shown,
+                    describe_error(&e)
+                )
+            })
     }
 }
 
@@ -390,7 +388,9 @@ async fn copy(
     let (copied, dst) = copied?;
 
     match &*dst {
-        Sink::Lun(l) => retry_unit_attention(|| l.session.synchronize_cache(l.lun))
+        Sink::Lun(l) => l
+            .session
+            .synchronize_cache(l.lun)
             .await
             .map_err(|e| format!("SYNCHRONIZE CACHE on {}: {}", l.shown, describe_error(&e)))?,
         Sink::File { file, regular } => {

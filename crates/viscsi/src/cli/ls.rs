@@ -8,10 +8,7 @@ use initiator::Session;
 
 use super::inquiry::{device_type_name, has_capacity};
 use super::units::human_bytes;
-use super::{
-    close, describe_error, discover::discover_targets, retry_unit_attention, ConnectArgs,
-    Connection,
-};
+use super::{close, describe_error, discover::discover_targets, ConnectArgs, Connection};
 
 /// `viscsi ls` flags.
 #[derive(Args)]
@@ -124,7 +121,7 @@ async fn describe_lun(session: &Session, lun: u64) -> String {
         line.push_str(", removable");
     }
     if has_capacity(inquiry.device_type) {
-        match retry_unit_attention(|| session.read_capacity(lun)).await {
+        match session.read_capacity(lun).await {
             Ok(c) => line.push_str(&format!(
                 ", {} ({} blocks of {} B{})",
                 human_bytes(c.bytes()),

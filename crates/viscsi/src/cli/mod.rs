@@ -411,32 +411,6 @@ pub fn describe_error(e: &InitiatorError) -> String {
     }
 }
 
-/// How many UNIT ATTENTION conditions in a row a command may meet before it fails.
-const UNIT_ATTENTION_RETRIES: usize = 4;
-
-/// True for CHECK CONDITION with sense key UNIT ATTENTION: the target reporting an event
-/// (power on, reset, new I_T nexus, changed parameters) once to each initiator, after which
-/// the same command works.
-fn is_unit_attention(e: &InitiatorError) -> bool {
-    matches!(e, InitiatorError::Scsi { sense: Some(s), .. } if s.starts_with("UNIT_ATTENTION"))
-}
-
-/// Runs `op`, again after each UNIT ATTENTION (a fresh session gets one on its first
-/// medium-access command).
-pub async fn retry_unit_attention<T, F, Fut>(mut op: F) -> Result<T, InitiatorError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, InitiatorError>>,
-{
-    for _ in 0..UNIT_ATTENTION_RETRIES {
-        match op().await {
-            Err(e) if is_unit_attention(&e) => continue,
-            other => return other,
-        }
-    }
-    op().await
-}
-
 /// Logs out, ignoring failures: the work is done and the target may already be gone.
 pub async fn close(session: &Session) {
     let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
