@@ -1,0 +1,1 @@
+//! Adapter inventory (to be filled in).

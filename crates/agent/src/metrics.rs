@@ -1,0 +1,1 @@
+//! Metrics (to be filled in).

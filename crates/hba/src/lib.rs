@@ -1,0 +1,1 @@
+//! The reference offload adapter (to be filled in).
