@@ -476,3 +476,164 @@ fn check_secret(s: &Secret) -> Result<(), ClientError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> InitiatorClient {
+        InitiatorClient::new_for_vm(
+            "Web_1",
+            vec!["127.0.0.1:3260".into()],
+            "iqn.2024-01.org.viscsi:default".into(),
+        )
+    }
+
+    #[test]
+    fn fresh_identities_are_valid_unique_and_random_type() {
+        let a = client();
+        let b = client();
+        a.validate().unwrap();
+        assert!(a.initiator_name.starts_with("iqn.2024-11.org.viscsi:vm.web-1."));
+        assert_ne!(a.initiator_name, b.initiator_name);
+        assert_ne!(a.isid, b.isid);
+        assert_eq!(a.isid_value().unwrap() >> 46, 0b10, "random-type ISID");
+    }
+
+    #[test]
+    fn iscsi_names() {
+        for good in [
+            "iqn.2024-01.org.viscsi:vm1",
+            "iqn.1992-08.com.netapp:sn.1234",
+            "eui.02004567a425678d",
+            "naa.52004567ba64678d",
+            "naa.62004567ba64678d0123456789abcdef",
+        ] {
+            assert!(valid_iscsi_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "iqn",
+            "iqn.2024-13.org.x",
+            "iqn.24-01.org.x",
+            "iqn.2024-01.",
+            "IQN.2024-01.org.x",
+            "iqn.2024-01.org.X",
+            "iqn.2024-01.org.x y",
+            "eui.123",
+            "naa.xyz0000000000000",
+            "foo.bar",
+        ] {
+            assert!(!valid_iscsi_name(bad), "{bad}");
+        }
+        assert!(!valid_iscsi_name(&format!("iqn.2024-01.org.{}", "a".repeat(220))));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut InitiatorClient)>)> = vec![
+            ("version", Box::new(|c| c.version = 9)),
+            ("initiator_name", Box::new(|c| c.initiator_name = "vm1".into())),
+            ("isid", Box::new(|c| c.isid = "12345".into())),
+            ("isid", Box::new(|c| c.isid = "c00000000001".into())),
+            ("portals", Box::new(|c| c.portals.clear())),
+            ("portals", Box::new(|c| c.portals = vec!["host:99999".into()])),
+            ("target", Box::new(|c| c.target = "disk".into())),
+            ("luns", Box::new(|c| c.luns = vec![20000])),
+            ("session.header_digest", Box::new(|c| c.session.header_digest = vec!["md5".into()])),
+            ("session.first_burst_length", Box::new(|c| c.session.first_burst_length = 1 << 24)),
+            ("session.max_burst_length", Box::new(|c| c.session.max_burst_length = 100)),
+            ("recovery.login_timeout_ms", Box::new(|c| c.recovery.login_timeout_ms = 0)),
+            ("reservation_key", Box::new(|c| c.reservation_key = Some("xyz".into()))),
+            ("reservation_key", Box::new(|c| c.reservation_key = Some("0".repeat(16)))),
+            (
+                "chap",
+                Box::new(|c| {
+                    c.chap = Some(ChapSettings {
+                        user: "u".into(),
+                        secret: Secret::Value(String::new()),
+                        target_user: None,
+                        target_secret: None,
+                    })
+                }),
+            ),
+            (
+                "chap",
+                Box::new(|c| {
+                    c.chap = Some(ChapSettings {
+                        user: "u".into(),
+                        secret: Secret::Value("s".into()),
+                        target_user: Some("t".into()),
+                        target_secret: None,
+                    })
+                }),
+            ),
+        ];
+        for (field, break_it) in cases {
+            let mut c = client();
+            break_it(&mut c);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn records_roundtrip_and_secrets_stay_out_of_debug_and_redacted_views() {
+        let mut c = client();
+        c.chap = Some(ChapSettings {
+            user: "vm".into(),
+            secret: Secret::Value("s3cr3t-value".into()),
+            target_user: Some("tgt".into()),
+            target_secret: Some(Secret::Value("other-s3cr3t".into())),
+        });
+        c.reservation_key = Some("00000000000000ab".into());
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(InitiatorClient::from_json(&json).unwrap(), c);
+        assert_eq!(c.reservation_key_value(), Some(0xab));
+        let shown = format!("{c:?} {}", serde_json::to_string(&c.redacted()).unwrap());
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let toml_text = toml::to_string(&c).unwrap();
+        assert_eq!(toml::from_str::<InitiatorClient>(&toml_text).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_records_are_refused_without_echoing_secrets() {
+        let e = InitiatorClient::from_json("{\"version\": 1, \"surprise\": 2}").unwrap_err();
+        assert_eq!(e.field, "record");
+        let e = InitiatorClient::from_json("not json").unwrap_err();
+        assert!(e.to_string().starts_with("initiator client: record:"), "{e}");
+        let mut c = client();
+        c.chap = Some(ChapSettings {
+            user: "vm".into(),
+            secret: Secret::File("/nonexistent/secret".into()),
+            target_user: None,
+            target_secret: None,
+        });
+        c.validate().unwrap();
+        let e = c.session_options("127.0.0.1:3260").unwrap_err();
+        assert!(e.problem.contains("/nonexistent/secret"), "{e}");
+    }
+
+    #[test]
+    fn session_options_carry_identity_negotiation_and_policy() {
+        let mut c = client();
+        c.session.header_digest = vec!["crc32c".into()];
+        c.recovery.nop_interval_ms = 0;
+        c.recovery.give_up_after_ms = 30_000;
+        c.chap = Some(ChapSettings {
+            user: "vm".into(),
+            secret: Secret::Value("secretsecret".into()),
+            target_user: None,
+            target_secret: None,
+        });
+        let o = c.session_options("127.0.0.1:3260").unwrap();
+        assert_eq!(o.identity.initiator_name, c.initiator_name);
+        assert_eq!(o.identity.isid.0, c.isid_value().unwrap());
+        assert_eq!(o.negotiation.header_digest, vec![Digest::Crc32c]);
+        assert_eq!(o.policy.nop_interval, None);
+        assert_eq!(o.policy.give_up_after, Some(Duration::from_secs(30)));
+        let chap = o.chap.unwrap();
+        assert_eq!(chap.credentials.secret.expose(), b"secretsecret");
+        assert!(chap.target.is_none());
+    }
+}

@@ -89,7 +89,8 @@ pub struct SessionOptions {
     pub target: String,
     pub chap: Option<ChapConfig>,
     /// What we offer. Defaults: digests `None,CRC32C` (the target's answer decides),
-    /// MaxRecvDataSegmentLength 256 KiB, MaxBurstLength 16 MiB, FirstBurstLength 256 KiB,
+    /// MaxRecvDataSegmentLength 256 KiB, MaxBurstLength 16 MiB − 512 (RFC 7143 allows at most
+    /// 2^24 − 1; this is the largest multiple of 512 below), FirstBurstLength 256 KiB,
     /// ImmediateData Yes, InitialR2T No (the target's answer decides).
     pub negotiation: NegotiationConfig,
     pub policy: RecoveryPolicy,
@@ -120,7 +121,7 @@ impl SessionOptions {
 pub fn default_negotiation() -> NegotiationConfig {
     NegotiationConfig {
         max_recv_data_segment_length: 262_144,
-        max_burst_length: 16 * 1024 * 1024,
+        max_burst_length: (1 << 24) - 512,
         first_burst_length: 262_144,
         initial_r2t: false,
         immediate_data: true,
