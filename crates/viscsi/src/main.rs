@@ -2,6 +2,7 @@
 //! validated configuration to the library crates; the initiator's subcommands live in `cli`.
 
 mod cli;
+mod hba;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,9 @@ enum Command {
     Target(TargetArgs),
     #[command(flatten)]
     Initiator(cli::InitiatorCommand),
+    /// Run or control the reference offload adapter (a software model of an iSCSI offload HBA).
+    #[command(subcommand)]
+    Hba(hba::HbaCommand),
 }
 
 /// The target's flags. They add to (and for portals and limits, override) a --config file.
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
     let default_log = match cli.command {
         Command::Target(_) => "info",
         Command::Initiator(_) => cli::InitiatorCommand::DEFAULT_LOG,
+        Command::Hba(_) => hba::HbaCommand::DEFAULT_LOG,
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| {
@@ -178,6 +183,7 @@ fn main() -> ExitCode {
             .map_err(|e| format!("cannot start the runtime: {e}"))
             .and_then(|runtime| runtime.block_on(run_target(args))),
         Command::Initiator(command) => cli::run(command),
+        Command::Hba(command) => hba::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
