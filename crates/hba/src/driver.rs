@@ -907,6 +907,9 @@ impl PathShared {
         let tag = {
             let mut w = lock(&self.waiters);
             if let Some(e) = &w.failed {
+                if matches!(waiter, Waiter::Scsi { .. }) {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
                 return Err(e.clone());
             }
             let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
