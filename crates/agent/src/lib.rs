@@ -12,3 +12,13 @@
 pub mod inventory;
 pub mod metrics;
 pub mod store;
+
+pub mod api;
+pub mod client;
+mod host;
+pub mod model;
+mod select;
+mod vm;
+
+pub use host::{Agent, AgentError, HostOptions};
+pub use vm::Vm;

@@ -494,7 +494,9 @@ mod tests {
         let a = client();
         let b = client();
         a.validate().unwrap();
-        assert!(a.initiator_name.starts_with("iqn.2024-11.org.viscsi:vm.web-1."));
+        assert!(a
+            .initiator_name
+            .starts_with("iqn.2024-11.org.viscsi:vm.web-1."));
         assert_ne!(a.initiator_name, b.initiator_name);
         assert_ne!(a.isid, b.isid);
         assert_eq!(a.isid_value().unwrap() >> 46, 0b10, "random-type ISID");
@@ -526,26 +528,54 @@ mod tests {
         ] {
             assert!(!valid_iscsi_name(bad), "{bad}");
         }
-        assert!(!valid_iscsi_name(&format!("iqn.2024-01.org.{}", "a".repeat(220))));
+        assert!(!valid_iscsi_name(&format!(
+            "iqn.2024-01.org.{}",
+            "a".repeat(220)
+        )));
     }
 
     #[test]
     fn validation_names_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut InitiatorClient)>)> = vec![
+        type Breaker = Box<dyn Fn(&mut InitiatorClient)>;
+        let cases: Vec<(&str, Breaker)> = vec![
             ("version", Box::new(|c| c.version = 9)),
-            ("initiator_name", Box::new(|c| c.initiator_name = "vm1".into())),
+            (
+                "initiator_name",
+                Box::new(|c| c.initiator_name = "vm1".into()),
+            ),
             ("isid", Box::new(|c| c.isid = "12345".into())),
             ("isid", Box::new(|c| c.isid = "c00000000001".into())),
             ("portals", Box::new(|c| c.portals.clear())),
-            ("portals", Box::new(|c| c.portals = vec!["host:99999".into()])),
+            (
+                "portals",
+                Box::new(|c| c.portals = vec!["host:99999".into()]),
+            ),
             ("target", Box::new(|c| c.target = "disk".into())),
             ("luns", Box::new(|c| c.luns = vec![20000])),
-            ("session.header_digest", Box::new(|c| c.session.header_digest = vec!["md5".into()])),
-            ("session.first_burst_length", Box::new(|c| c.session.first_burst_length = 1 << 24)),
-            ("session.max_burst_length", Box::new(|c| c.session.max_burst_length = 100)),
-            ("recovery.login_timeout_ms", Box::new(|c| c.recovery.login_timeout_ms = 0)),
-            ("reservation_key", Box::new(|c| c.reservation_key = Some("xyz".into()))),
-            ("reservation_key", Box::new(|c| c.reservation_key = Some("0".repeat(16)))),
+            (
+                "session.header_digest",
+                Box::new(|c| c.session.header_digest = vec!["md5".into()]),
+            ),
+            (
+                "session.first_burst_length",
+                Box::new(|c| c.session.first_burst_length = 1 << 24),
+            ),
+            (
+                "session.max_burst_length",
+                Box::new(|c| c.session.max_burst_length = 100),
+            ),
+            (
+                "recovery.login_timeout_ms",
+                Box::new(|c| c.recovery.login_timeout_ms = 0),
+            ),
+            (
+                "reservation_key",
+                Box::new(|c| c.reservation_key = Some("xyz".into())),
+            ),
+            (
+                "reservation_key",
+                Box::new(|c| c.reservation_key = Some("0".repeat(16))),
+            ),
             (
                 "chap",
                 Box::new(|c| {
@@ -601,7 +631,10 @@ mod tests {
         let e = InitiatorClient::from_json("{\"version\": 1, \"surprise\": 2}").unwrap_err();
         assert_eq!(e.field, "record");
         let e = InitiatorClient::from_json("not json").unwrap_err();
-        assert!(e.to_string().starts_with("initiator client: record:"), "{e}");
+        assert!(
+            e.to_string().starts_with("initiator client: record:"),
+            "{e}"
+        );
         let mut c = client();
         c.chap = Some(ChapSettings {
             user: "vm".into(),

@@ -20,6 +20,7 @@
 //!
 //! The peers are system packages; `scripts/install-peers` installs them.
 
+pub mod agent;
 pub mod guest;
 pub mod netns;
 pub mod ports;

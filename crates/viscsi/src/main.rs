@@ -1,6 +1,7 @@
 //! `viscsi`: one binary, many subcommands. This file only parses arguments and hands a
 //! validated configuration to the library crates; the initiator's subcommands live in `cli`.
 
+mod agent_cli;
 mod cli;
 mod hba;
 
@@ -20,8 +21,17 @@ struct Cli {
     /// `target`, warn for the initiator's commands].
     #[arg(long, global = true)]
     log: Option<String>,
+    /// Log lines as text, or as JSON objects one per line (for log collectors).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Copy, Clone, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -33,6 +43,11 @@ enum Command {
     /// Run or control the reference offload adapter (a software model of an iSCSI offload HBA).
     #[command(subcommand)]
     Hba(hba::HbaCommand),
+    /// Run the host agent: it owns this host's VMs, picks each one's data path (offload or
+    /// software), fails VMs over when an adapter fails, and serves the control API.
+    Host(agent_cli::HostArgs),
+    #[command(flatten)]
+    Agent(agent_cli::AgentCommand),
 }
 
 /// The target's flags. They add to (and for portals and limits, override) a --config file.
@@ -166,16 +181,21 @@ fn main() -> ExitCode {
         Command::Target(_) => "info",
         Command::Initiator(_) => cli::InitiatorCommand::DEFAULT_LOG,
         Command::Hba(_) => hba::HbaCommand::DEFAULT_LOG,
+        Command::Host(_) => "info",
+        Command::Agent(_) => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| {
             tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_log))
         })
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
         Command::Target(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -184,6 +204,8 @@ fn main() -> ExitCode {
             .and_then(|runtime| runtime.block_on(run_target(args))),
         Command::Initiator(command) => cli::run(command),
         Command::Hba(command) => hba::run(command),
+        Command::Host(args) => agent_cli::host::run(args),
+        Command::Agent(command) => agent_cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -211,7 +233,7 @@ async fn run_target(args: TargetArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -1,0 +1,286 @@
+//! What the control API exchanges and what the store keeps: VM records and their views.
+
+use datapath::{
+    AdapterInfo, ChapSettings, Health, InitiatorClient, PathInfo, PathStats, CLIENT_VERSION,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::MetricsSnapshot;
+
+/// Which data paths a VM may use.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathPolicy {
+    /// Offload when an offload adapter with a free function reaches the target, else software.
+    #[default]
+    Auto,
+    /// The software initiator only.
+    Software,
+    /// An offload adapter only (the VM does not run without one).
+    Offload,
+}
+
+impl std::fmt::Display for PathPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PathPolicy::Auto => "auto",
+            PathPolicy::Software => "software",
+            PathPolicy::Offload => "offload",
+        })
+    }
+}
+
+/// `POST /v1/vms`: a VM to create. Either a complete `client` record, or the parts of one
+/// (then the VM gets a fresh unique InitiatorName and a fixed ISID unless given).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    #[serde(default)]
+    pub path: PathPolicy,
+    /// With `path: offload` or `auto`: only this adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<InitiatorClient>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub portals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub luns: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initiator_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap: Option<ChapSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation_key: Option<String>,
+}
+
+impl CreateVm {
+    /// The VM's initiator client, validated.
+    pub fn client(&self) -> Result<InitiatorClient, String> {
+        let parts_given = !self.portals.is_empty()
+            || self.target.is_some()
+            || !self.luns.is_empty()
+            || self.initiator_name.is_some()
+            || self.isid.is_some()
+            || self.chap.is_some()
+            || self.reservation_key.is_some();
+        let client = match &self.client {
+            Some(_) if parts_given => {
+                return Err("give either a complete client record or its parts, not both".into())
+            }
+            Some(c) => c.clone(),
+            None => {
+                let target = self.target.clone().ok_or("target is missing")?;
+                let mut c = InitiatorClient::new_for_vm(&self.name, self.portals.clone(), target);
+                if let Some(n) = &self.initiator_name {
+                    c.initiator_name = n.clone();
+                }
+                if let Some(i) = &self.isid {
+                    c.isid = i.to_ascii_lowercase();
+                }
+                c.luns = self.luns.clone();
+                c.chap = self.chap.clone();
+                c.reservation_key = self.reservation_key.clone();
+                c
+            }
+        };
+        client.validate().map_err(|e| e.to_string())?;
+        Ok(client)
+    }
+}
+
+/// A VM name: 1–64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn valid_vm_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// What the store keeps for a VM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub version: u32,
+    pub name: String,
+    pub client: InitiatorClient,
+    pub policy: PathPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    pub created_ms: u64,
+    /// The most recent events, oldest first (at most [`VmRecord::HISTORY`]).
+    #[serde(default)]
+    pub history: Vec<VmEvent>,
+}
+
+impl VmRecord {
+    pub const HISTORY: usize = 100;
+
+    pub fn new(
+        name: String,
+        client: InitiatorClient,
+        policy: PathPolicy,
+        adapter: Option<String>,
+    ) -> Self {
+        VmRecord {
+            version: CLIENT_VERSION,
+            name,
+            client,
+            policy,
+            adapter,
+            created_ms: now_ms(),
+            history: Vec::new(),
+        }
+    }
+
+    pub fn push_event(&mut self, event: VmEvent) {
+        self.history.push(event);
+        let excess = self.history.len().saturating_sub(Self::HISTORY);
+        self.history.drain(..excess);
+    }
+
+    /// Checks a record read back from the store.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_vm_name(&self.name) {
+            return Err(format!("VM name {:?} is not valid", self.name));
+        }
+        self.client.validate().map_err(|e| e.to_string())
+    }
+}
+
+/// Something that happened to a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEvent {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// `created`, `path`, `failover`, `error`, `restored`, `deleted`.
+    pub kind: String,
+    pub message: String,
+}
+
+impl VmEvent {
+    pub fn new(kind: &str, message: impl Into<String>) -> VmEvent {
+        VmEvent {
+            at_ms: now_ms(),
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where a VM is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Bringing up a data path.
+    Starting,
+    Running,
+    /// No data path; the agent keeps trying.
+    Waiting,
+}
+
+/// `GET /v1/vms/{name}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmView {
+    pub name: String,
+    pub state: VmState,
+    pub policy: PathPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// The data path in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathInfo>,
+    /// Why this path was chosen (or why there is none).
+    pub path_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// The initiator client with secrets redacted.
+    pub client: InitiatorClient,
+    #[serde(default)]
+    pub path_stats: PathStats,
+    /// Commands re-issued on a new path after their path failed.
+    #[serde(default)]
+    pub reissued: u64,
+    pub metrics: MetricsSnapshot,
+    pub history: Vec<VmEvent>,
+}
+
+/// `GET /v1/adapters`: one adapter the agent can use.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdapterView {
+    #[serde(flatten)]
+    pub info: AdapterInfo,
+    /// Where it came from: `builtin` or the configured socket.
+    pub source: String,
+    /// The VMs whose data path runs on it.
+    pub vms: Vec<String>,
+}
+
+/// `GET /v1/adapters`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdaptersView {
+    pub host: String,
+    pub adapters: Vec<AdapterView>,
+    /// Configured adapters that could not be used, with the reason.
+    pub unavailable: Vec<(String, String)>,
+    /// What sysfs shows: iSCSI hosts and transports of offload HBAs, SR-IOV, NICs.
+    pub sysfs: crate::inventory::SysfsInventory,
+}
+
+/// `GET /v1/host`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostView {
+    pub name: String,
+    pub version: String,
+    pub vms: usize,
+    pub adapters: usize,
+    pub uptime_s: u64,
+}
+
+/// `POST /v1/vms/{name}/scsi`: one SCSI command through the VM's data path (like sg_raw).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScsiPassthrough {
+    /// LUN number.
+    pub lun: u64,
+    /// The CDB in hex.
+    pub cdb: String,
+    /// Data-Out, base64.
+    #[serde(default)]
+    pub data: String,
+    /// Data-In bytes expected.
+    #[serde(default)]
+    pub read_len: u32,
+}
+
+/// The answer to a [`ScsiPassthrough`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScsiResult {
+    pub status: u8,
+    /// Sense data in hex (empty if none).
+    pub sense: String,
+    /// Data-In, base64.
+    pub data: String,
+    /// Residual count (positive: underflow, negative: overflow).
+    pub residual: i64,
+    /// The data path that carried the command.
+    pub path: String,
+}
+
+/// An error answer: `{"error": "..."}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,343 @@
+//! A VM at run time: its record, the data path in use, failover, metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use datapath::{AdapterKind, Command, Completion, DataPath, PathError, SessionState};
+
+use crate::host::Shared;
+use crate::metrics::{Op, VmMetrics};
+use crate::model::{VmEvent, VmRecord, VmState, VmView};
+
+/// The path a VM runs on now.
+#[derive(Clone)]
+pub(crate) struct Current {
+    pub path: Arc<dyn DataPath>,
+    pub adapter: String,
+    pub kind: AdapterKind,
+    /// Which switch produced this path; a failure report for an older one is stale.
+    pub generation: u64,
+}
+
+/// One VM owned by the agent.
+pub struct Vm {
+    name: String,
+    /// The agent; weak, because the agent's table holds the VM.
+    shared: Weak<Shared>,
+    record: Mutex<VmRecord>,
+    current: RwLock<Option<Current>>,
+    generation: AtomicU64,
+    status: Mutex<(VmState, String)>,
+    metrics: VmMetrics,
+    reissued: AtomicU64,
+    /// Serializes path changes (bring-up, failover, delete).
+    switch: tokio::sync::Mutex<()>,
+    /// Deleted, or the agent stopped: no more paths, events or retries.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+fn op_of(cdb: &[u8]) -> Op {
+    match cdb.first() {
+        Some(0x08 | 0x28 | 0xa8 | 0x88) => Op::Read,
+        Some(0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0x8e | 0x93 | 0x89) => Op::Write,
+        _ => Op::Other,
+    }
+}
+
+impl Vm {
+    pub(crate) fn new(shared: &Arc<Shared>, record: VmRecord) -> Arc<Vm> {
+        Arc::new(Vm {
+            name: record.name.clone(),
+            shared: Arc::downgrade(shared),
+            record: Mutex::new(record),
+            current: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            status: Mutex::new((VmState::Starting, "starting".into())),
+            metrics: VmMetrics::default(),
+            reissued: AtomicU64::new(0),
+            switch: tokio::sync::Mutex::new(()),
+            stopped: Default::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn record(&self) -> VmRecord {
+        lock(&self.record).clone()
+    }
+
+    pub fn metrics(&self) -> &VmMetrics {
+        &self.metrics
+    }
+
+    pub(crate) fn current(&self) -> Option<Current> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The adapter the VM's path runs on, if any.
+    pub fn adapter(&self) -> Option<String> {
+        self.current().map(|c| c.adapter)
+    }
+
+    pub fn state(&self) -> VmState {
+        lock(&self.status).0
+    }
+
+    /// Sends one SCSI command through the VM's data path. When the path itself fails (an
+    /// adapter fault), the VM moves to the software path and the command is re-issued there
+    /// once.
+    pub async fn submit(&self, command: Command) -> Result<Completion, PathError> {
+        let started = Instant::now();
+        let op = op_of(&command.cdb);
+        let out_len = command.data_out.len() as u64;
+        let mut reissued = false;
+        let result = loop {
+            let Some(cur) = self.current() else {
+                break Err(PathError::Unreachable(format!(
+                    "VM {} has no data path: {}",
+                    self.name,
+                    lock(&self.status).1
+                )));
+            };
+            match cur.path.submit(command.clone()).await {
+                Err(e) if e.is_path_failure() && !reissued => {
+                    self.failover(cur.generation, &e.to_string()).await;
+                    reissued = true;
+                    self.reissued.fetch_add(1, Ordering::Relaxed);
+                }
+                other => break other,
+            }
+        };
+        let bytes = match (&result, op) {
+            (Ok(c), Op::Read) => c.data.len() as u64,
+            (Ok(_), Op::Write) => out_len,
+            _ => 0,
+        };
+        self.metrics
+            .record(op, bytes, started.elapsed(), result.is_ok());
+        result
+    }
+
+    /// Task management on LUN number `lun` through the current path.
+    pub async fn task_management(
+        &self,
+        function: datapath::TmfFunction,
+        lun: u64,
+    ) -> Result<(), PathError> {
+        match self.current() {
+            Some(cur) => cur.path.task_management(function, lun).await,
+            None => Err(PathError::Unreachable("no data path".into())),
+        }
+    }
+
+    /// Installs a freshly opened path.
+    fn install(&self, path: Arc<dyn DataPath>, adapter: String, kind: AdapterKind, reason: String) {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = path.info();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Current {
+            path,
+            adapter,
+            kind,
+            generation,
+        });
+        let described = match info.vf {
+            Some(vf) => format!("{} {}/vf{vf} to {}", info.kind, info.adapter, info.portal),
+            None => format!("{} to {}", info.kind, info.portal),
+        };
+        *lock(&self.status) = (VmState::Running, reason.clone());
+        tracing::info!(vm = %self.name, path = %described, %reason, "data path up");
+        self.event("path", format!("{described}: {reason}"));
+    }
+
+    /// Records an event and persists the record.
+    pub(crate) fn event(&self, kind: &str, message: String) {
+        let record = {
+            let mut r = lock(&self.record);
+            r.push_event(VmEvent::new(kind, message));
+            r.clone()
+        };
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if self.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = shared.store.put(&self.name, &record) {
+            tracing::warn!(vm = %self.name, error = %e, "cannot persist VM record");
+        }
+    }
+
+    /// Brings up a data path as the VM's policy says (the caller reports errors).
+    pub(crate) async fn bring_up(&self) -> Result<(), PathError> {
+        let _switch = self.switch.lock().await;
+        if self.current().is_some() {
+            return Ok(());
+        }
+        let record = self.record();
+        let shared = self.shared.upgrade().ok_or(PathError::Closed)?;
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(PathError::Closed);
+        }
+        match crate::select::open_path(&shared, &record, None).await {
+            Ok(chosen) => {
+                self.install(chosen.path, chosen.adapter, chosen.kind, chosen.reason);
+                Ok(())
+            }
+            Err(e) => {
+                *lock(&self.status) = (VmState::Waiting, e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps trying to bring up a path until one is up or the VM is deleted (after an agent
+    /// restart, or when failover found no path).
+    pub(crate) fn spawn_bring_up(self: &Arc<Self>) {
+        let vm = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            let mut reported = String::new();
+            loop {
+                if vm.stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                match vm.bring_up().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if msg != reported {
+                            tracing::warn!(vm = %vm.name, error = %msg, "no data path yet; retrying");
+                            vm.event("error", format!("no data path: {msg}"));
+                            reported = msg;
+                        }
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    /// Moves the VM off a failed path (generation `failed`) to the software path. Commands
+    /// in flight on the failed path come back with a path failure and are re-issued by
+    /// [`Vm::submit`]; a report about a path already replaced does nothing.
+    pub async fn failover(&self, failed: u64, reason: &str) {
+        let _switch = self.switch.lock().await;
+        let Some(old) = self.current() else { return };
+        if old.generation != failed || self.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let t0 = Instant::now();
+        let from = match old.path.info().vf {
+            Some(vf) => format!("{} {}/vf{vf}", old.kind, old.adapter),
+            None => old.kind.to_string(),
+        };
+        let state: SessionState = old.path.export_state();
+        // The failed path stays installed until its successor is up: commands submitted
+        // meanwhile fail on it as path failures, wait for this switch and are re-issued.
+        // Then it goes back to its adapter in the background: a hung adapter must not hold
+        // up the VM.
+        let closing = old.path.clone();
+        let _release = ReleaseOnDrop(Some(closing));
+        let record = self.record();
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let software = shared.software.clone();
+        match software.open(&record.client, Some(&state)).await {
+            Ok(path) => {
+                self.metrics.failover();
+                let took = t0.elapsed();
+                tracing::warn!(vm = %self.name, %from, %reason, took_ms = took.as_millis() as u64, "failed over to the software path");
+                self.event(
+                    "failover",
+                    format!(
+                        "{from} failed ({reason}); moved to the software path in {:.1} ms",
+                        took.as_secs_f64() * 1e3
+                    ),
+                );
+                self.install(
+                    path,
+                    datapath::software::SOFTWARE_ADAPTER.into(),
+                    AdapterKind::Software,
+                    format!("failover from {from}"),
+                );
+            }
+            Err(e) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = None;
+                *lock(&self.status) = (
+                    VmState::Waiting,
+                    format!("failover from {from} failed: {e}"),
+                );
+                self.event(
+                    "error",
+                    format!("{from} failed ({reason}); software path: {e}"),
+                );
+                drop(_switch);
+                // The retry loop needs an `Arc`; it is found through the agent's table.
+                if let Some(vm) = shared.vm(&self.name) {
+                    vm.spawn_bring_up();
+                }
+            }
+        }
+    }
+
+    /// Ends the VM's session (logout) and stops all retries: the VM is deleted or the agent
+    /// is stopping.
+    pub(crate) async fn shutdown(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        let _switch = self.switch.lock().await;
+        let cur = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(cur) = cur {
+            let _ = tokio::time::timeout(Duration::from_secs(5), cur.path.quiesce()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), cur.path.close()).await;
+        }
+    }
+
+    pub fn view(&self) -> VmView {
+        let record = self.record();
+        let cur = self.current();
+        let (state, reason) = lock(&self.status).clone();
+        VmView {
+            name: self.name.clone(),
+            state,
+            policy: record.policy,
+            adapter: record.adapter.clone(),
+            path: cur.as_ref().map(|c| c.path.info()),
+            path_reason: reason,
+            health: cur.as_ref().map(|c| c.path.health()),
+            client: record.client.redacted(),
+            path_stats: cur.as_ref().map(|c| c.path.stats()).unwrap_or_default(),
+            reissued: self.reissued.load(Ordering::Relaxed),
+            metrics: self.metrics.snapshot(),
+            history: record.history,
+        }
+    }
+}
+
+/// Closes a replaced path in the background when dropped.
+struct ReleaseOnDrop(Option<Arc<dyn DataPath>>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), path.close()).await;
+            });
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

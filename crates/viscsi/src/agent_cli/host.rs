@@ -1,0 +1,125 @@
+//! `viscsi host`: runs the host agent until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+
+use agent::inventory::{AdapterConfig, HostConfig};
+use agent::{Agent, HostOptions};
+use clap::Args;
+
+/// The agent's flags; they override a --config file.
+#[derive(Args)]
+pub struct HostArgs {
+    /// TOML configuration file (see README).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// The host's name in views and metrics [default: the machine's host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Directory of the VM store [default: /var/lib/viscsi for root, else
+    /// $XDG_STATE_HOME/viscsi].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The control socket [default: see `viscsi vm --help`].
+    #[arg(long, env = "VISCSI_HOST_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Root of the sysfs tree to scan for adapters [default: /sys].
+    #[arg(long)]
+    sysfs_root: Option<PathBuf>,
+    /// A reference offload adapter to drive: NAME=SOCKET, repeatable.
+    #[arg(long = "adapter", value_parser = adapter_flag)]
+    adapters: Vec<AdapterConfig>,
+}
+
+fn adapter_flag(s: &str) -> Result<AdapterConfig, String> {
+    let (name, socket) = s.split_once('=').ok_or("expected NAME=SOCKET")?;
+    Ok(AdapterConfig {
+        name: name.into(),
+        socket: socket.into(),
+    })
+}
+
+fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The flags merged over the file, validated.
+fn host_config(a: HostArgs) -> Result<HostConfig, String> {
+    let mut c = match &a.config {
+        Some(p) => HostConfig::from_file(p)?,
+        None => HostConfig::default(),
+    };
+    if a.name.is_some() {
+        c.name = a.name;
+    }
+    if a.state_dir.is_some() {
+        c.state_dir = a.state_dir;
+    }
+    if a.socket.is_some() {
+        c.control_socket = a.socket;
+    }
+    if a.metrics_listen.is_some() {
+        c.metrics_listen = a.metrics_listen;
+    }
+    if a.sysfs_root.is_some() {
+        c.sysfs_root = a.sysfs_root;
+    }
+    c.adapters.extend(a.adapters);
+    c.validate()?;
+    Ok(c)
+}
+
+pub fn run(args: HostArgs) -> Result<(), String> {
+    let config = host_config(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: HostConfig) -> Result<(), String> {
+    let socket = config
+        .control_socket
+        .clone()
+        .unwrap_or_else(super::default_socket);
+    let listener = agent::api::bind_control_socket(&socket)?;
+    let metrics = match &config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let options = HostOptions {
+        name: config.name.clone().unwrap_or_else(machine_hostname),
+        state_dir: config
+            .state_dir
+            .clone()
+            .unwrap_or_else(super::default_state_dir),
+        sysfs_root: config.sysfs_root.clone().unwrap_or_else(|| "/sys".into()),
+        adapters: config.adapters.clone(),
+    };
+    let agent = Agent::start(options).await?;
+    tracing::info!(host = %agent.name(), socket = %socket.display(), "host agent serving");
+    let control = tokio::spawn(agent::api::serve_control(agent.clone(), listener));
+    if let Some(listener) = metrics {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(agent::api::serve_metrics(agent.clone(), listener));
+    }
+    crate::wait_for_signal().await;
+    tracing::info!("shutting down: logging out the VMs' sessions");
+    control.abort();
+    agent.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
