@@ -2,19 +2,25 @@
 //! READ (16) or WRITE (16) as soon as the previous one completes — for `--time`, then IOPS,
 //! MiB/s, latency percentiles, the CPU this process used and the session's recoveries.
 //!
+//! With `--hba SOCKET` the load goes through a virtual function of the reference offload
+//! adapter (`viscsi hba serve`): the bench programs a VF with its identity and submits the
+//! same commands through the adapter driver's data path instead of its own session.
+//!
 //! Each worker keeps its own latency histogram (merged at the end), so measuring costs two
 //! clock reads per I/O and no shared state. Writes send one random buffer made at start-up,
 //! shared by reference. Random offsets come from a fixed-seed xorshift per worker, so runs
 //! are repeatable; sequential workloads share one counter and wrap at the end of the range.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
+use datapath::{Adapter, DataPath};
 use initiator::url::IscsiUrl;
-use initiator::Session;
+use initiator::{Capacity, Digest, Session};
 
 use super::cpu::CpuTime;
 use super::histogram::Histogram;
@@ -80,6 +86,10 @@ pub struct BenchArgs {
     /// Runtime threads (1: the session and the workers share one thread).
     #[arg(long, value_name = "N", default_value_t = 1)]
     threads: usize,
+    /// Run the load through a virtual function of the reference offload adapter listening
+    /// on this socket (`viscsi hba serve`) instead of a session of this process.
+    #[arg(long, value_name = "SOCKET")]
+    hba: Option<PathBuf>,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -101,6 +111,7 @@ pub struct BenchConfig {
     duration: Duration,
     range: Option<u64>,
     json: bool,
+    hba: Option<PathBuf>,
 }
 
 /// Largest I/O accepted (the initiator negotiates bursts up to 16 MiB).
@@ -137,13 +148,22 @@ impl TryFrom<BenchArgs> for BenchConfig {
             duration: a.time,
             range: a.size,
             json: a.json,
+            hba: a.hba,
         })
     }
 }
 
+/// What carries the I/O.
+enum Io {
+    /// A session of this process.
+    Session(Session),
+    /// A data path (a VF of the reference offload adapter).
+    Path(Arc<dyn DataPath>),
+}
+
 /// What every worker shares.
 struct Plan {
-    session: Session,
+    io: Io,
     lun: u64,
     block_size: u32,
     blocks_per_io: u32,
@@ -189,35 +209,121 @@ async fn worker(plan: Arc<Plan>, id: u64) -> Result<Histogram, String> {
         };
         let lba = slot * u64::from(plan.blocks_per_io);
         let started = Instant::now();
-        let result = if plan.workload.writes() {
-            plan.session
-                .write(plan.lun, lba, plan.pattern.clone(), plan.block_size)
-                .await
-        } else {
-            // The data stays in the Data-In segments it arrived in: only its length counts.
-            let want = u64::from(plan.blocks_per_io) * u64::from(plan.block_size);
-            let read =
-                plan.session
-                    .read_segments(plan.lun, lba, plan.blocks_per_io, plan.block_size);
-            match read.await {
-                Ok(data) if data.len() as u64 != want => {
-                    plan.stop.store(true, Ordering::Relaxed);
-                    return Err(format!(
-                        "I/O at LBA {lba}: {} bytes read instead of {}",
-                        data.len(),
-                        want
-                    ));
-                }
-                other => other.map(drop),
-            }
+        let want = u64::from(plan.blocks_per_io) * u64::from(plan.block_size);
+        let result = match &plan.io {
+            Io::Session(session) => session_io(&plan, session, lba).await,
+            Io::Path(path) => path_io(&plan, path.as_ref(), lba).await,
         };
-        if let Err(e) = result {
+        let failed = match result {
+            // The data stays in the Data-In segments it arrived in: only its length counts.
+            Ok(read) if !plan.workload.writes() && read as u64 != want => Some(format!(
+                "I/O at LBA {lba}: {read} bytes read instead of {want}"
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!("I/O at LBA {lba}: {e}")),
+        };
+        if let Some(e) = failed {
             plan.stop.store(true, Ordering::Relaxed);
-            return Err(format!("I/O at LBA {lba}: {}", describe_error(&e)));
+            return Err(e);
         }
         latencies.record(started.elapsed().as_nanos() as u64);
     }
     Ok(latencies)
+}
+
+/// One I/O on the session; the bytes read.
+async fn session_io(plan: &Plan, session: &Session, lba: u64) -> Result<usize, String> {
+    let result = if plan.workload.writes() {
+        session
+            .write(plan.lun, lba, plan.pattern.clone(), plan.block_size)
+            .await
+            .map(|()| 0)
+    } else {
+        session
+            .read_segments(plan.lun, lba, plan.blocks_per_io, plan.block_size)
+            .await
+            .map(|data| data.len())
+    };
+    result.map_err(|e| describe_error(&e))
+}
+
+/// READ (16) or WRITE (16) through a data path, retried on UNIT ATTENTION as the session's
+/// helpers do; the bytes read.
+async fn path_io(plan: &Plan, path: &dyn DataPath, lba: u64) -> Result<usize, String> {
+    let mut cdb = [0u8; 16];
+    cdb[0] = if plan.workload.writes() { 0x8a } else { 0x88 };
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[10..14].copy_from_slice(&plan.blocks_per_io.to_be_bytes());
+    let command = datapath::Command {
+        lun: scsi::lun::encode(plan.lun),
+        cdb: Bytes::copy_from_slice(&cdb),
+        data_out: plan.pattern.clone(),
+        read_len: if plan.workload.writes() {
+            0
+        } else {
+            plan.blocks_per_io * plan.block_size
+        },
+        attr: datapath::TaskAttr::Simple,
+    };
+    for _ in 0..8 {
+        let c = path
+            .submit(command.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        if c.status == datapath::Status::GOOD {
+            return Ok(c.data.len());
+        }
+        let unit_attention = c.status == datapath::Status::CHECK_CONDITION
+            && scsi::sense::Sense::parse(&c.sense)
+                .is_some_and(|s| s.key == scsi::SenseKey::UNIT_ATTENTION);
+        if !unit_attention {
+            return Err(format!("SCSI {:?}", c.status));
+        }
+    }
+    Err("unit attentions do not stop".into())
+}
+
+/// The bench's identity as an initiator client for the offload adapter (CHAP secrets as
+/// values: the adapter reads nothing of this host).
+fn offload_client(config: &BenchConfig) -> Result<datapath::InitiatorClient, String> {
+    let target = config.url.require_target().map_err(|e| e.to_string())?;
+    let o = config.connection.session_options(&config.url, target);
+    let mut client =
+        datapath::InitiatorClient::new_for_vm("bench", vec![o.portal.clone()], target.into());
+    client.initiator_name = o.identity.initiator_name.clone();
+    client.alias = o.identity.alias.clone();
+    client.isid = format!("{:012x}", o.identity.isid.0);
+    let names = |d: &[Digest]| {
+        d.iter()
+            .map(|d| match d {
+                Digest::None => "none".to_string(),
+                Digest::Crc32c => "crc32c".to_string(),
+            })
+            .collect::<Vec<_>>()
+    };
+    client.session.header_digest = names(&o.negotiation.header_digest);
+    client.session.data_digest = names(&o.negotiation.data_digest);
+    let ms = |d: Duration| d.as_millis() as u64;
+    client.recovery.connect_timeout_ms = ms(o.policy.connect_timeout);
+    client.recovery.login_timeout_ms = ms(o.policy.login_timeout);
+    client.recovery.nop_interval_ms = o.policy.nop_interval.map_or(0, ms);
+    client.recovery.nop_timeout_ms = ms(o.policy.nop_timeout);
+    client.recovery.give_up_after_ms = o.policy.give_up_after.map_or(0, ms);
+    if let Some(chap) = &o.chap {
+        let text = |c: &initiator::Credentials| {
+            String::from_utf8(c.secret.expose().to_vec())
+                .map(datapath::Secret::Value)
+                .map_err(|_| "--hba needs CHAP secrets that are UTF-8 text".to_string())
+        };
+        client.chap = Some(datapath::ChapSettings {
+            user: chap.credentials.user.clone(),
+            secret: text(&chap.credentials)?,
+            target_user: chap.target.as_ref().map(|t| t.user.clone()),
+            target_secret: chap.target.as_ref().map(text).transpose()?,
+        });
+    }
+    client.validate().map_err(|e| e.to_string())?;
+    Ok(client)
 }
 
 /// What a run measured.
@@ -232,18 +338,40 @@ struct Report {
 
 pub async fn run(config: BenchConfig) -> Result<(), String> {
     let session = config.connection.connect(&config.url).await?;
-    let result = measure(&config, &session).await;
-    close(&session).await;
-    let report = result?;
-    print_report(&config, &report);
-    Ok(())
-}
-
-async fn measure(config: &BenchConfig, session: &Session) -> Result<Report, String> {
     let capacity = session
         .read_capacity(config.lun)
         .await
-        .map_err(|e| format!("READ CAPACITY: {}", describe_error(&e)))?;
+        .map_err(|e| format!("READ CAPACITY: {}", describe_error(&e)));
+    let Some(socket) = &config.hba else {
+        let result = match capacity {
+            Ok(capacity) => measure(&config, Io::Session(session.clone()), capacity).await,
+            Err(e) => Err(e),
+        };
+        close(&session).await;
+        let report = result?;
+        print_report(&config, &report, None);
+        return Ok(());
+    };
+    // The adapter logs in with the same identity once this session is gone.
+    close(&session).await;
+    let capacity = capacity?;
+    let client = offload_client(&config)?;
+    let adapter = hba::driver::HbaAdapter::connect("hba", socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let path = adapter
+        .open(&client, None)
+        .await
+        .map_err(|e| format!("offload adapter: {e}"))?;
+    let info = path.info();
+    let result = measure(&config, Io::Path(path.clone()), capacity).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), path.close()).await;
+    let report = result?;
+    print_report(&config, &report, info.vf);
+    Ok(())
+}
+
+async fn measure(config: &BenchConfig, io: Io, capacity: Capacity) -> Result<Report, String> {
     let bs = u64::from(capacity.block_size);
     if config.io_bytes % bs != 0 {
         return Err(format!(
@@ -264,11 +392,11 @@ async fn measure(config: &BenchConfig, session: &Session) -> Result<Report, Stri
     } else {
         Bytes::new()
     };
-    let before = session.stats();
+    let before = recoveries(&io);
     let cpu_before = CpuTime::now();
     let started = Instant::now();
     let plan = Arc::new(Plan {
-        session: session.clone(),
+        io,
         lun: config.lun,
         block_size: capacity.block_size,
         blocks_per_io: u32::try_from(config.io_bytes / bs).map_err(|_| "--bs too large")?,
@@ -300,22 +428,33 @@ async fn measure(config: &BenchConfig, session: &Session) -> Result<Report, Stri
     if let Some(e) = first_error {
         return Err(e);
     }
-    let after = session.stats();
+    let after = recoveries(&plan.io);
     Ok(Report {
         ios: latencies.count(),
         seconds: wall.as_secs_f64(),
         latencies,
         cpu,
-        recoveries: after.recoveries - before.recoveries,
-        reissued: after.reissued - before.reissued,
+        recoveries: after.0 - before.0,
+        reissued: after.1 - before.1,
     })
+}
+
+/// Recoveries and re-issued commands so far.
+fn recoveries(io: &Io) -> (u64, u64) {
+    match io {
+        Io::Session(s) => {
+            let stats = s.stats();
+            (stats.recoveries, stats.reissued)
+        }
+        Io::Path(p) => (p.stats().recoveries, 0),
+    }
 }
 
 fn micros(nanos: u64) -> f64 {
     nanos as f64 / 1000.0
 }
 
-fn print_report(config: &BenchConfig, r: &Report) {
+fn print_report(config: &BenchConfig, r: &Report, vf: Option<u32>) {
     let bytes = r.ios * config.io_bytes;
     let iops = if r.seconds > 0.0 {
         r.ios as f64 / r.seconds
@@ -329,6 +468,8 @@ fn print_report(config: &BenchConfig, r: &Report) {
     if config.json {
         let value = serde_json::json!({
             "url": config.url.to_string(),
+            "path": if config.hba.is_some() { "offload" } else { "software" },
+            "vf": vf,
             "rw": config.workload.name(),
             "bs": config.io_bytes,
             "qd": config.qd,
@@ -351,8 +492,12 @@ fn print_report(config: &BenchConfig, r: &Report) {
         println!("{value}");
         return;
     }
+    let via = match (&config.hba, vf) {
+        (Some(socket), Some(vf)) => format!(" via VF {vf} of the adapter at {}", socket.display()),
+        _ => String::new(),
+    };
     println!(
-        "{} {} QD{} for {:.1} s on {}",
+        "{} {} QD{} for {:.1} s on {}{via}",
         config.workload.name(),
         human_bytes(config.io_bytes),
         config.qd,
