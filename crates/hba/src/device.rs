@@ -276,6 +276,9 @@ impl Device {
 
     /// Returns at once unless the adapter is hung; then when it recovers.
     async fn wait_not_hung(&self) {
+        if !*self.hung.borrow() {
+            return;
+        }
         let mut rx = self.hung.subscribe();
         let _ = rx.wait_for(|hung| !hung).await;
     }

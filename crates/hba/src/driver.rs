@@ -115,6 +115,9 @@ async fn handshake(
                 socket: socket_owned(),
                 source,
             })?;
+        if queue.is_some() {
+            crate::protocol::size_queue_socket(&stream);
+        }
         let (r, mut writer) = stream.into_split();
         let mut reader = FrameReader::new(r);
         let hello = Message::Request(ControlRequest {

@@ -971,6 +971,16 @@ pub enum ReadError {
     Protocol(#[from] ProtocolError),
 }
 
+/// Socket buffer of queue connections: room for a few large frames, so that a 1 MiB
+/// completion does not cross in many small steps.
+pub const QUEUE_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Sizes a queue connection's socket buffers (best effort: the system caps them).
+pub fn size_queue_socket(socket: &impl std::os::fd::AsFd) {
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(socket, QUEUE_SOCKET_BUFFER);
+    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(socket, QUEUE_SOCKET_BUFFER);
+}
+
 /// Writes one message at once (control traffic).
 pub async fn write_message<W: AsyncWrite + Unpin>(io: &mut W, m: &Message) -> io::Result<()> {
     let mut b = FrameBuffer::default();

@@ -60,6 +60,7 @@ pub(super) async fn serve_connection(device: Arc<Device>, stream: UnixStream) {
     };
     match hello.queue {
         Some(vf) => {
+            crate::protocol::size_queue_socket(w.as_ref());
             // A hung adapter does not bring up queues.
             device.wait_not_hung().await;
             match queue::attach(&device, vf) {

@@ -336,8 +336,8 @@ impl Queue {
         if let Some(s) = session {
             return Ok(s);
         }
-        self.device
-            .login(&self.vf, self.generation)
+        // Boxed: logging in is rare, and its future would make every command's task large.
+        Box::pin(self.device.login(&self.vf, self.generation))
             .await
             .map_err(|e| match e {
                 ControlError::LinkDown => (FailCode::LINK_DOWN, "link down".to_string()),
