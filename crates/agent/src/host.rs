@@ -153,6 +153,14 @@ impl Agent {
             )
         })?
         .map_err(|e| e.to_string())?;
+        // A device that answers but cannot serve (failed, or its port down) is not used yet.
+        let info = adapter.info();
+        if let AdapterHealth::Failed(why) = info.health {
+            return Err(format!("{}: {why}", config.name));
+        }
+        if info.details.iter().any(|(k, v)| k == "link" && v == "down") {
+            return Err(format!("{}: link down", config.name));
+        }
         let entry = Arc::new(OffloadEntry {
             name: config.name.clone(),
             source: config.socket.display().to_string(),
