@@ -15,27 +15,33 @@
 //! revived: connect again.
 
 use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use datapath::{
     Adapter, AdapterHealth, AdapterInfo, AdapterKind, BoxFuture, ClientError, Command, Completion,
-    DataIn, DataPath, Gate, Health, InitiatorClient, PathError, PathInfo, PathStats, Secret,
-    SessionState, Status, TmfFunction,
+    DataIn, DataPath, Gate, Health, InitiatorClient, PathError, PathInfo, PathStats, Residual,
+    Secret, SessionState, Status, TmfFunction,
 };
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use crate::protocol::{
-    write_message, AdapterStatus, AdapterSummary, Complete, ControlError, ControlReply,
-    ControlRequest, Event, Fail, FailCode, Fault, FrameBuffer, FrameReader, Hello, Message,
-    Programmed, Reply, Request, Submit, TaskMgmt, TaskMgmtDone, FRAME_HEADER, MAX_CDB, MAX_FRAME,
-    PROTOCOL_VERSION,
+    write_message, AdapterStatus, AdapterSummary, Complete, CompleteShm, ControlError,
+    ControlReply, ControlRequest, Event, Fail, FailCode, Fault, FrameBuffer, FrameReader, Hello,
+    Message, Programmed, Reply, Request, Submit, TaskMgmt, TaskMgmtDone, FRAME_HEADER, MAX_CDB,
+    MAX_FRAME, PROTOCOL_VERSION,
 };
+use crate::shm::{Buffer, Pool, Region, REGION_SIZE};
 
 /// Timing of the driver.
 #[derive(Clone, Debug)]
@@ -95,6 +101,33 @@ struct Connection {
     reader: FrameReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     adapter: AdapterSummary,
+    /// A queue's shared memory, if the adapter took it.
+    pool: Option<Arc<Pool>>,
+}
+
+/// Sends `bytes` with `fd` attached (SCM_RIGHTS).
+async fn send_with_fd(stream: &mut UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let sent = loop {
+        stream.writable().await?;
+        let result = stream.try_io(Interest::WRITABLE, || {
+            let mut space = [0u8; rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            let fds = [fd];
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+            Ok(rustix::net::sendmsg(
+                &*stream,
+                &[io::IoSlice::new(bytes)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )?)
+        });
+        match result {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    stream.write_all(&bytes[sent..]).await
 }
 
 /// The id of every hello.
@@ -105,31 +138,42 @@ async fn handshake(
     socket: &Path,
     client: &str,
     queue: Option<u32>,
+    shm: Option<(Region, OwnedFd)>,
     timeout: Duration,
 ) -> Result<Connection, DriverError> {
     let socket_owned = || socket.to_owned();
     let work = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| DriverError::Connect {
-                socket: socket_owned(),
-                source,
-            })?;
+        let mut stream =
+            UnixStream::connect(socket)
+                .await
+                .map_err(|source| DriverError::Connect {
+                    socket: socket_owned(),
+                    source,
+                })?;
         if queue.is_some() {
             crate::protocol::size_queue_socket(&stream);
         }
-        let (r, mut writer) = stream.into_split();
-        let mut reader = FrameReader::new(r);
+        let mut hello = Hello::new(client, queue);
+        hello.shm = shm.as_ref().map(|(r, _)| r.len());
         let hello = Message::Request(ControlRequest {
             id: HELLO_ID,
-            request: Request::Hello(Hello::new(client, queue)),
+            request: Request::Hello(hello),
         });
         let closed = || DriverError::Closed {
             socket: socket_owned(),
         };
-        write_message(&mut writer, &hello)
-            .await
-            .map_err(|_| closed())?;
+        let (region, fd) = match shm {
+            Some((r, fd)) => (Some(r), Some(fd)),
+            None => (None, None),
+        };
+        match &fd {
+            Some(fd) => send_with_fd(&mut stream, &hello.to_frame_bytes(), fd.as_fd()).await,
+            None => write_message(&mut stream, &hello).await,
+        }
+        .map_err(|_| closed())?;
+        drop(fd);
+        let (r, writer) = stream.into_split();
+        let mut reader = FrameReader::new(r);
         let not_adapter = |why: String| DriverError::NotAnAdapter {
             socket: socket_owned(),
             why,
@@ -147,13 +191,16 @@ async fn handshake(
             Err(crate::protocol::ReadError::Io(e)) => return Err(not_adapter(e.to_string())),
         };
         match reply {
-            Ok(Reply::Hello { protocol, adapter }) if protocol == PROTOCOL_VERSION => {
-                Ok(Connection {
-                    reader,
-                    writer,
-                    adapter,
-                })
-            }
+            Ok(Reply::Hello {
+                protocol,
+                adapter,
+                shm,
+            }) if protocol == PROTOCOL_VERSION => Ok(Connection {
+                reader,
+                writer,
+                adapter,
+                pool: region.filter(|_| shm).map(Pool::new),
+            }),
             Ok(Reply::Hello { protocol, .. }) => Err(DriverError::Version {
                 socket: socket_owned(),
                 why: format!(
@@ -188,6 +235,7 @@ fn message_name(m: &Message) -> &'static str {
         Message::Event(_) => "an event",
         Message::Submit(_) => "SUBMIT",
         Message::Complete(_) => "COMPLETE",
+        Message::CompleteShm(_) => "COMPLETE_SHM",
         Message::Fail(_) => "FAIL",
         Message::TaskMgmt(_) => "TASK_MGMT",
         Message::TaskMgmtDone(_) => "TASK_MGMT_DONE",
@@ -200,7 +248,7 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(3);
 /// One request on a fresh control connection (for tools: status, faults).
 async fn one_request(socket: &Path, request: Request) -> Result<Reply, DriverError> {
     let timeout = TOOL_TIMEOUT;
-    let mut c = handshake(socket, "viscsi hba", None, timeout).await?;
+    let mut c = handshake(socket, "viscsi hba", None, None, timeout).await?;
     let id = 1;
     write_message(
         &mut c.writer,
@@ -521,6 +569,7 @@ impl HbaAdapter {
             socket,
             &format!("driver {name}"),
             None,
+            None,
             options.hello_timeout,
         )
         .await?;
@@ -615,10 +664,15 @@ impl HbaAdapter {
                 return Err(e.into_path_error(&a.name));
             }
         };
+        // Data-in comes through shared memory when it can be made; else the socket.
+        let shm = Region::create(REGION_SIZE)
+            .map_err(|e| tracing::debug!(error = %e, "no shared memory for the queue"))
+            .ok();
         let queue = match handshake(
             &a.socket,
             &format!("driver {} VF {vf}", a.name),
             Some(vf),
+            shm,
             a.options.hello_timeout,
         )
         .await
@@ -732,14 +786,23 @@ enum Waiter {
     Scsi {
         tx: oneshot::Sender<Result<Completion, PathError>>,
         written: u64,
+        /// The data-in buffer in shared memory, if the command has one.
+        buffer: Option<Buffer>,
     },
     Tmf(oneshot::Sender<Result<(), PathError>>),
 }
 
 impl Waiter {
-    fn fail(self, e: PathError) {
+    /// Fails the command. `answered`: the adapter answered it (so its buffer is free
+    /// again); else the adapter may still write the buffer, which stays out of the pool.
+    fn fail(self, e: PathError, answered: bool) {
         match self {
-            Waiter::Scsi { tx, .. } => drop(tx.send(Err(e))),
+            Waiter::Scsi { tx, buffer, .. } => {
+                if let (Some(b), false) = (buffer, answered) {
+                    b.keep_out();
+                }
+                drop(tx.send(Err(e)))
+            }
             Waiter::Tmf(tx) => drop(tx.send(Err(e))),
         }
     }
@@ -771,6 +834,8 @@ struct PathShared {
     counters: Counters,
     closed: AtomicBool,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Shared memory for data-in, if the adapter took it.
+    pool: Option<Arc<Pool>>,
 }
 
 impl Drop for PathShared {
@@ -798,6 +863,7 @@ impl PathShared {
             counters: Counters::default(),
             closed: AtomicBool::new(false),
             tasks: Mutex::default(),
+            pool: c.pool,
         });
         let weak = Arc::downgrade(&path);
         let tasks = [
@@ -824,7 +890,7 @@ impl PathShared {
             if matches!(waiter, Waiter::Scsi { .. }) {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
-            waiter.fail(e.clone());
+            waiter.fail(e.clone(), false);
         }
         for t in lock(&self.tasks).drain(..) {
             t.abort();
@@ -836,22 +902,64 @@ impl PathShared {
     }
 
     fn complete(&self, c: Complete) {
-        match self.take(c.tag) {
-            Some(Waiter::Scsi { tx, written }) => {
-                let mut data = DataIn::new();
-                for segment in c.data {
-                    data.push(segment);
+        let mut data = DataIn::new();
+        for segment in c.data {
+            data.push(segment);
+        }
+        // A buffer the adapter did not use goes back to the pool.
+        self.completed(c.tag, c.status, c.sense, c.residual, |_| Ok(data));
+    }
+
+    fn complete_shm(&self, c: CompleteShm) {
+        let len = c.data_len as usize;
+        self.completed(c.tag, c.status, c.sense, c.residual, |buffer| {
+            let mut data = DataIn::new();
+            if len > 0 {
+                match buffer.and_then(|b| b.into_bytes(len)) {
+                    Some(bytes) => data.push(bytes),
+                    None => {
+                        return Err(PathError::PathFailed(format!(
+                            "adapter {}: data-in of {len} bytes outside the command's buffer",
+                            self.info.adapter
+                        )))
+                    }
                 }
-                let k = &self.counters;
-                k.commands.fetch_add(1, Ordering::Relaxed);
-                k.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
-                k.bytes_written.fetch_add(written, Ordering::Relaxed);
-                let _ = tx.send(Ok(Completion {
-                    status: Status(c.status),
-                    sense: c.sense,
-                    data,
-                    residual: c.residual,
-                }));
+            }
+            Ok(data)
+        });
+    }
+
+    /// Completes command `tag` (once) with the data `data` makes of its buffer.
+    fn completed(
+        &self,
+        tag: u64,
+        status: u8,
+        sense: Bytes,
+        residual: Residual,
+        data: impl FnOnce(Option<Buffer>) -> Result<DataIn, PathError>,
+    ) {
+        match self.take(tag) {
+            Some(Waiter::Scsi {
+                tx,
+                written,
+                buffer,
+            }) => {
+                let result = data(buffer).map(|data| {
+                    let k = &self.counters;
+                    k.commands.fetch_add(1, Ordering::Relaxed);
+                    k.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    k.bytes_written.fetch_add(written, Ordering::Relaxed);
+                    Completion {
+                        status: Status(status),
+                        sense,
+                        data,
+                        residual,
+                    }
+                });
+                if result.is_err() {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = tx.send(result);
             }
             Some(Waiter::Tmf(tx)) => {
                 let _ = tx.send(Err(PathError::Refused(
@@ -884,7 +992,7 @@ impl PathShared {
             if matches!(w, Waiter::Scsi { .. }) {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
-            w.fail(self.error_of(f.code, f.reason));
+            w.fail(self.error_of(f.code, f.reason), true);
         }
     }
 
@@ -898,9 +1006,10 @@ impl PathShared {
                 };
                 let _ = tx.send(result);
             }
-            Some(w) => w.fail(PathError::PathFailed(
-                "the adapter answered a command as task management".into(),
-            )),
+            Some(w) => w.fail(
+                PathError::PathFailed("the adapter answered a command as task management".into()),
+                true,
+            ),
             None => {}
         }
     }
@@ -921,10 +1030,13 @@ impl PathShared {
         };
         if self.out.send(make(tag)).is_err() {
             if let Some(w) = self.take(tag) {
-                w.fail(PathError::PathFailed(format!(
-                    "adapter {} VF {}: queue closed",
-                    self.info.adapter, self.vf
-                )));
+                w.fail(
+                    PathError::PathFailed(format!(
+                        "adapter {} VF {}: queue closed",
+                        self.info.adapter, self.vf
+                    )),
+                    false,
+                );
             }
         }
         Ok(())
@@ -937,6 +1049,7 @@ async fn queue_reader(weak: Weak<PathShared>, mut reader: FrameReader<OwnedReadH
         let Some(p) = weak.upgrade() else { return };
         match message {
             Ok(Some(Message::Complete(c))) => p.complete(c),
+            Ok(Some(Message::CompleteShm(c))) => p.complete_shm(c),
             Ok(Some(Message::Fail(f))) => p.failed_one(f),
             Ok(Some(Message::TaskMgmtDone(t))) => p.tmf_done(t),
             other => {
@@ -1018,12 +1131,25 @@ impl DataPath for OffloadPath {
             }
             let (tx, rx) = oneshot::channel();
             let written = command.data_out.len() as u64;
-            p.enqueue(Waiter::Scsi { tx, written }, |tag| {
+            // Reads get a buffer in shared memory while there is room (else data-in comes
+            // through the socket).
+            let buffer = match &p.pool {
+                Some(pool) if command.read_len > 0 => pool.alloc(command.read_len),
+                _ => None,
+            };
+            let offset = buffer.as_ref().map(Buffer::offset);
+            let waiter = Waiter::Scsi {
+                tx,
+                written,
+                buffer,
+            };
+            p.enqueue(waiter, |tag| {
                 Message::Submit(Submit {
                     tag,
                     lun: command.lun,
                     attr: command.attr,
                     read_len: command.read_len,
+                    buffer: offset,
                     cdb: command.cdb,
                     data_out: command.data_out,
                 })

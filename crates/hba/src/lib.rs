@@ -17,21 +17,26 @@
 //!   unix socket: JSON control messages (hello with the protocol version, VF allocation and
 //!   programming, status, portal probes, heartbeats, faults, events) and binary queue
 //!   messages (submit, complete, fail, task management).
+//! - [`shm`]: the queue's shared memory, the model of DMA: the driver hands the adapter a
+//!   buffer per read, the adapter puts the data there, the host reads it without a copy.
 //! - [`driver`]: the host side. [`driver::HbaAdapter`] implements `datapath::Adapter` (a VF
 //!   per VM; health by heartbeats, connection loss and link events) and its
 //!   [`driver::OffloadPath`] implements `datapath::DataPath`, so nothing above the data-path
 //!   trait can tell it from the software initiator.
 //!
-//! What the model does not do: no real offload (no TOE, no DMA; payloads cross the unix
-//! socket, copied by the kernel), no SR-IOV or PCI (a "VF" is an index and a queue
+//! What the model does not do: no real offload (no TOE; the adapter's TCP, iSCSI and copies
+//! run on the host's CPUs; data-out crosses the unix socket, data-in is copied once into the
+//! shared memory), no SR-IOV or PCI (a "VF" is an index and a queue
 //! connection), one connection per session (MaxConnections=1, ErrorRecoveryLevel=0, as the
 //! software initiator), no boot from SAN, no iSNS, no IPv6 or VLAN configuration of its
 //! own port, and no persistence: the adapter forgets its VFs when it restarts, and VFs are
 //! freed when the driver's control connection closes. CHAP secrets reach it as values in the
 //! programming request (resolved by the driver on the host; the socket is mode 0600); it
 //! reads no host files or environment.
-#![forbid(unsafe_code)]
+// Unsafe code only in `shm` (mapping the shared memory).
+#![deny(unsafe_code)]
 
 pub mod device;
 pub mod driver;
 pub mod protocol;
+pub mod shm;

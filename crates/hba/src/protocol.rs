@@ -17,12 +17,18 @@
 //! and read without copies:
 //!
 //! ```text
-//! SUBMIT          tag u64 | lun u64 (SAM) | attr u8 | read_len u32 | cdb_len u16 | cdb | data-out
+//! SUBMIT          tag u64 | lun u64 (SAM) | attr u8 | read_len u32 | buffer u64 | cdb_len u16 | cdb | data-out
 //! COMPLETE        tag u64 | status u8 | residual kind u8 | residual u32 | sense_len u16 | sense | data-in
+//! COMPLETE_SHM    tag u64 | status u8 | residual kind u8 | residual u32 | sense_len u16 | data_len u32 | sense
 //! FAIL            tag u64 | FailCode u8 | reason (UTF-8)
 //! TASK_MGMT       tag u64 | function u8 | lun u64 (LUN number)
 //! TASK_MGMT_DONE  tag u64 | FailCode u8 (0: function complete) | reason (UTF-8)
 //! ```
+//!
+//! A queue's hello may carry a shared-memory region (a memfd passed with the hello as
+//! SCM_RIGHTS, see [`crate::shm`]). A SUBMIT then names a buffer in it for the command's
+//! data-in (its offset; `u64::MAX` for none), and the adapter completes such a command with
+//! COMPLETE_SHM: the data is in the buffer, not in the frame.
 //!
 //! Decoding checks everything it reads: frame length (at most [`MAX_FRAME`]), kind, field
 //! ranges, truncation and trailing bytes; a bad frame is an error, never a panic.
@@ -52,6 +58,12 @@ pub const MAX_CDB: usize = 260;
 
 /// Largest reason text in a FAIL frame.
 pub const MAX_REASON: usize = 1024;
+
+/// The buffer field of a SUBMIT without a shared-memory buffer.
+pub const NO_BUFFER: u64 = u64::MAX;
+
+/// Fixed fields of a SUBMIT (before the CDB).
+const SUBMIT_FIXED: usize = 8 + 8 + 1 + 4 + 8 + 2;
 
 macro_rules! wire_code {
     ($(#[$meta:meta])* $name:ident { $($(#[$cmeta:meta])* $konst:ident = $val:expr,)* }) => {
@@ -93,6 +105,7 @@ wire_code! {
         FAIL = 0x12,
         TASK_MGMT = 0x13,
         TASK_MGMT_DONE = 0x14,
+        COMPLETE_SHM = 0x15,
     }
 }
 
@@ -207,6 +220,9 @@ pub struct Hello {
     /// programmed); none: a control connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<u32>,
+    /// Queues only: the size of the shared-memory region passed with this hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm: Option<u64>,
 }
 
 impl Hello {
@@ -216,6 +232,7 @@ impl Hello {
             protocol: PROTOCOL_VERSION,
             client: client.into(),
             queue,
+            shm: None,
         }
     }
 }
@@ -398,6 +415,9 @@ pub enum Reply {
     Hello {
         protocol: u32,
         adapter: AdapterSummary,
+        /// Queues: whether the adapter took the shared-memory region of the hello.
+        #[serde(default)]
+        shm: bool,
     },
     Info(AdapterSummary),
     Status(AdapterStatus),
@@ -495,6 +515,8 @@ pub struct Submit {
     pub lun: u64,
     pub attr: TaskAttr,
     pub read_len: u32,
+    /// Offset of the data-in buffer in the queue's shared memory, if any.
+    pub buffer: Option<u64>,
     pub cdb: Bytes,
     pub data_out: Bytes,
 }
@@ -508,6 +530,17 @@ pub struct Complete {
     pub sense: Bytes,
     /// Data-In, as the segments it is made of (one when decoded).
     pub data: Vec<Bytes>,
+}
+
+/// A command's completion whose data-in is in its shared-memory buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompleteShm {
+    pub tag: u64,
+    pub status: u8,
+    pub residual: Residual,
+    pub sense: Bytes,
+    /// Bytes of data-in at the start of the buffer.
+    pub data_len: u32,
 }
 
 /// A command the adapter could not complete.
@@ -542,6 +575,7 @@ pub enum Message {
     Event(Event),
     Submit(Submit),
     Complete(Complete),
+    CompleteShm(CompleteShm),
     Fail(Fail),
     TaskMgmt(TaskMgmt),
     TaskMgmtDone(TaskMgmtDone),
@@ -641,6 +675,7 @@ impl Message {
                 let attr = attr_from_bits(attr)
                     .ok_or_else(|| invalid("SUBMIT", format!("task attribute {attr}")))?;
                 let read_len = f.u32()?;
+                let buffer = Some(f.u64()?).filter(|&b| b != NO_BUFFER);
                 let cdb_len = usize::from(f.u16()?);
                 if cdb_len == 0 || cdb_len > MAX_CDB {
                     return Err(invalid("SUBMIT", format!("CDB of {cdb_len} bytes")));
@@ -651,15 +686,15 @@ impl Message {
                     lun,
                     attr,
                     read_len,
+                    buffer,
                     cdb,
                     data_out: p,
                 })
             }
-            FrameKind::COMPLETE => {
-                let mut f = Fields {
-                    what: "COMPLETE",
-                    buf: &mut p,
-                };
+            FrameKind::COMPLETE | FrameKind::COMPLETE_SHM => {
+                let shm = frame.kind == FrameKind::COMPLETE_SHM;
+                let what = if shm { "COMPLETE_SHM" } else { "COMPLETE" };
+                let mut f = Fields { what, buf: &mut p };
                 let tag = f.u64()?;
                 let status = f.u8()?;
                 let kind = f.u8()?;
@@ -668,18 +703,31 @@ impl Message {
                     0 if n == 0 => Residual::None,
                     1 => Residual::Underflow(n),
                     2 => Residual::Overflow(n),
-                    _ => return Err(invalid("COMPLETE", format!("residual kind {kind}/{n}"))),
+                    _ => return Err(invalid(what, format!("residual kind {kind}/{n}"))),
                 };
                 let sense_len = usize::from(f.u16()?);
-                let sense = f.bytes(sense_len)?;
-                let data = if p.is_empty() { Vec::new() } else { vec![p] };
-                Message::Complete(Complete {
-                    tag,
-                    status,
-                    residual,
-                    sense,
-                    data,
-                })
+                if shm {
+                    let data_len = f.u32()?;
+                    let sense = f.bytes(sense_len)?;
+                    f.end()?;
+                    Message::CompleteShm(CompleteShm {
+                        tag,
+                        status,
+                        residual,
+                        sense,
+                        data_len,
+                    })
+                } else {
+                    let sense = f.bytes(sense_len)?;
+                    let data = if p.is_empty() { Vec::new() } else { vec![p] };
+                    Message::Complete(Complete {
+                        tag,
+                        status,
+                        residual,
+                        sense,
+                        data,
+                    })
+                }
             }
             FrameKind::FAIL | FrameKind::TASK_MGMT_DONE => {
                 let what = if frame.kind == FrameKind::FAIL {
@@ -796,6 +844,9 @@ impl FrameBuffer {
             Message::Complete(c) => {
                 self.queue_complete(c.tag, c.status, c.residual, &c.sense, &c.data)
             }
+            Message::CompleteShm(c) => {
+                self.queue_complete_shm(c.tag, c.status, c.residual, &c.sense, c.data_len)
+            }
             Message::Fail(f) => self.queue_fail(FrameKind::FAIL, f.tag, f.code, &f.reason),
             Message::TaskMgmt(t) => {
                 self.header(FrameKind::TASK_MGMT, 17);
@@ -813,14 +864,15 @@ impl FrameBuffer {
 
     /// Queues a SUBMIT (the CDB is at most [`MAX_CDB`] bytes; the caller checks).
     pub fn queue_submit(&mut self, s: &Submit) {
-        let len = 8 + 8 + 1 + 4 + 2 + s.cdb.len() + s.data_out.len();
+        let len = SUBMIT_FIXED + s.cdb.len() + s.data_out.len();
         self.header(FrameKind::SUBMIT, len);
-        let mut b = [0u8; 23];
+        let mut b = [0u8; SUBMIT_FIXED];
         b[..8].copy_from_slice(&s.tag.to_be_bytes());
         b[8..16].copy_from_slice(&s.lun.to_be_bytes());
         b[16] = s.attr.bits();
         b[17..21].copy_from_slice(&s.read_len.to_be_bytes());
-        b[21..23].copy_from_slice(&(s.cdb.len() as u16).to_be_bytes());
+        b[21..29].copy_from_slice(&s.buffer.unwrap_or(NO_BUFFER).to_be_bytes());
+        b[29..31].copy_from_slice(&(s.cdb.len() as u16).to_be_bytes());
         self.small(&b);
         self.small(&s.cdb);
         self.payload(&s.data_out);
@@ -851,6 +903,29 @@ impl FrameBuffer {
         for d in data {
             self.payload(d);
         }
+    }
+
+    /// Queues a COMPLETE_SHM: the data-in (`data_len` bytes) is in the command's buffer.
+    pub fn queue_complete_shm(
+        &mut self,
+        tag: u64,
+        status: u8,
+        residual: Residual,
+        sense: &[u8],
+        data_len: u32,
+    ) {
+        let sense = &sense[..sense.len().min(usize::from(u16::MAX))];
+        self.header(FrameKind::COMPLETE_SHM, 20 + sense.len());
+        let (kind, n) = residual_parts(residual);
+        let mut b = [0u8; 20];
+        b[..8].copy_from_slice(&tag.to_be_bytes());
+        b[8] = status;
+        b[9] = kind;
+        b[10..14].copy_from_slice(&n.to_be_bytes());
+        b[14..16].copy_from_slice(&(sense.len() as u16).to_be_bytes());
+        b[16..20].copy_from_slice(&data_len.to_be_bytes());
+        self.small(&b);
+        self.small(sense);
     }
 
     /// Queues a FAIL (or TASK_MGMT_DONE); the reason is cut to [`MAX_REASON`] bytes.
@@ -919,6 +994,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
         }
+    }
+
+    /// A reader whose first bytes were read already.
+    pub fn with_buffer(io: R, buf: BytesMut) -> Self {
+        FrameReader { io, buf }
     }
 
     /// A frame already in the buffer, without reading.

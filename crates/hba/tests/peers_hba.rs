@@ -38,6 +38,11 @@ async fn verified_io(target: &RunningTarget, hba: &Hba) {
     assert_eq!(info.vf, Some(0));
     assert_eq!(info.portal, target.portal());
     assert_eq!(path.health(), Health::Up);
+    assert!(
+        hba.log().contains("shm=true"),
+        "the queue has no shared memory:\n{}",
+        hba.log()
+    );
     let lun = lun_of(target, 0);
     ready(path.as_ref(), lun).await;
     let base = path.stats().commands;

@@ -1,9 +1,14 @@
 //! Connections to the adapter: the hello, then control requests (each answered by its own
 //! task, so a slow login does not hold up heartbeats) or a VF queue.
 
+use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use tokio::io::Interest;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -14,6 +19,7 @@ use crate::protocol::{
     write_message, ControlError, ControlReply, ControlRequest, Fault, FrameBuffer, FrameReader,
     Hello, Message, Reply, Request, MAGIC, PROTOCOL_VERSION,
 };
+use crate::shm::Region;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,8 +32,20 @@ const MAX_OWNER: usize = 255;
 
 /// Serves one accepted connection until it closes.
 pub(super) async fn serve_connection(device: Arc<Device>, stream: UnixStream) {
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_first(&stream)).await {
+        Ok(Ok(first)) => first,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "connection failed before its hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("no hello within {HELLO_TIMEOUT:?}; connection dropped");
+            return;
+        }
+    };
+    let (bytes, fd) = first;
     let (r, mut w) = stream.into_split();
-    let mut reader = FrameReader::new(r);
+    let mut reader = FrameReader::with_buffer(r, bytes);
     let (id, hello) = match tokio::time::timeout(HELLO_TIMEOUT, reader.next_message()).await {
         Ok(Ok(Some(Message::Request(ControlRequest {
             id,
@@ -52,10 +70,11 @@ pub(super) async fn serve_connection(device: Arc<Device>, stream: UnixStream) {
         let _ = reply(&mut w, id, Err(e)).await;
         return;
     }
-    let hello_ok = || {
+    let hello_ok = |shm: bool| {
         Ok(Reply::Hello {
             protocol: PROTOCOL_VERSION,
             adapter: device.summary(),
+            shm,
         })
     };
     match hello.queue {
@@ -63,13 +82,24 @@ pub(super) async fn serve_connection(device: Arc<Device>, stream: UnixStream) {
             crate::protocol::size_queue_socket(w.as_ref());
             // A hung adapter does not bring up queues.
             device.wait_not_hung().await;
-            match queue::attach(&device, vf) {
+            let shm = match (hello.shm, fd) {
+                (Some(size), Some(fd)) => match Region::map_writable(fd, size) {
+                    Ok(region) => Some(region),
+                    Err(e) => {
+                        tracing::warn!(vf, error = %e, "shared memory refused; data-in goes through the socket");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let took_shm = shm.is_some();
+            match queue::attach(&device, vf, shm) {
                 Ok(attached) => {
-                    if reply(&mut w, id, hello_ok()).await.is_err() {
+                    tracing::debug!(vf, client = %hello.client, shm = took_shm, "queue open");
+                    if reply(&mut w, id, hello_ok(took_shm)).await.is_err() {
                         attached.detach();
                         return;
                     }
-                    tracing::debug!(vf, client = %hello.client, "queue open");
                     attached.run(reader, w).await;
                 }
                 Err(e) => {
@@ -79,10 +109,39 @@ pub(super) async fn serve_connection(device: Arc<Device>, stream: UnixStream) {
         }
         None => {
             // The hello is answered even while hung, so that `recover` can get through.
-            if reply(&mut w, id, hello_ok()).await.is_ok() {
+            if reply(&mut w, id, hello_ok(false)).await.is_ok() {
                 tracing::debug!(client = %hello.client, "control connection");
                 serve_control(device, reader, w).await;
             }
+        }
+    }
+}
+
+/// The first bytes of a connection, and a file descriptor passed with them (a queue's
+/// shared memory); any further descriptors are closed.
+async fn read_first(stream: &UnixStream) -> io::Result<(BytesMut, Option<OwnedFd>)> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        stream.readable().await?;
+        let received = stream.try_io(Interest::READABLE, || {
+            let mut space = [0u8; rustix::cmsg_space!(ScmRights(1))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            let r = rustix::net::recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+            let mut fd = None;
+            for message in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(fds) = message {
+                    for f in fds {
+                        fd.get_or_insert(f);
+                    }
+                }
+            }
+            Ok((r.bytes, fd))
+        });
+        match received {
+            Ok((n, fd)) => return Ok((BytesMut::from(&buf[..n]), fd)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

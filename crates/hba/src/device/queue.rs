@@ -21,6 +21,7 @@ use super::{lock, Device, Vf};
 use crate::protocol::{
     ControlError, FailCode, FrameBuffer, FrameKind, FrameReader, Message, Submit, TaskMgmt,
 };
+use crate::shm::Region;
 
 /// Most bytes gathered for one write.
 const MAX_BATCH: usize = 4 << 20;
@@ -31,7 +32,8 @@ const RESUME_GRACE: Duration = Duration::from_millis(50);
 
 /// What the writer sends.
 enum Out {
-    Complete(u64, ScsiCompletion),
+    /// A completion, and the data-in buffer in shared memory its command named.
+    Complete(u64, ScsiCompletion, Option<u64>),
     Fail(u64, FailCode, String),
     TmfDone(u64, FailCode, String),
 }
@@ -72,6 +74,8 @@ pub(crate) struct QueueShared {
     out: mpsc::UnboundedSender<Out>,
     state: Mutex<State>,
     stop: watch::Sender<bool>,
+    /// The driver's shared memory for data-in, if it gave some.
+    shm: Option<Region>,
 }
 
 impl QueueShared {
@@ -129,13 +133,18 @@ struct Queue {
 }
 
 /// Makes a new connection VF `index`'s queue; the error is for the hello's reply.
-pub(super) fn attach(device: &Arc<Device>, index: u32) -> Result<Attached, ControlError> {
+pub(super) fn attach(
+    device: &Arc<Device>,
+    index: u32,
+    shm: Option<Region>,
+) -> Result<Attached, ControlError> {
     let vf = device.vf(index)?.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(QueueShared {
         out: tx,
         state: Mutex::new(State::default()),
         stop: watch::Sender::new(false),
+        shm,
     });
     let generation = {
         let mut inner = lock(&vf.inner);
@@ -171,7 +180,12 @@ impl Attached {
     /// Serves the connection until it ends, then detaches from the VF.
     pub(super) async fn run(self, mut reader: FrameReader<OwnedReadHalf>, writer: OwnedWriteHalf) {
         let Attached { queue, rx } = self;
-        let writer = tokio::spawn(write_loop(queue.device.clone(), rx, writer));
+        let writer = tokio::spawn(write_loop(
+            queue.device.clone(),
+            queue.shared.clone(),
+            rx,
+            writer,
+        ));
         let why = queue.read_loop(&mut reader).await;
         tracing::debug!(vf = queue.vf.index, %why, "queue connection ends");
         queue.detach(&why);
@@ -294,6 +308,25 @@ impl Queue {
         if st.inflight.contains_key(&tag) {
             return Err(format!("tag {tag} is already in flight"));
         }
+        if let Work::Scsi(Submit {
+            buffer: Some(offset),
+            read_len,
+            ..
+        }) = &work
+        {
+            let fits = self
+                .shared
+                .shm
+                .as_ref()
+                .is_some_and(|r| r.contains(*offset, u64::from(*read_len)));
+            if !fits {
+                let _ = self.shared.out.send(work.fail(
+                    FailCode::REFUSED,
+                    "the data-in buffer is not inside the queue's shared memory",
+                ));
+                return Ok(());
+            }
+        }
         let task = match &work {
             Work::Scsi(s) => {
                 let request = ScsiRequest {
@@ -303,7 +336,8 @@ impl Queue {
                     read_len: s.read_len,
                     attr: s.attr,
                 };
-                tokio::spawn(self.clone_parts().run_scsi(session, tag, request))
+                let buffer = s.buffer;
+                tokio::spawn(self.clone_parts().run_scsi(session, tag, request, buffer))
             }
             Work::Tmf(t) => tokio::spawn(self.clone_parts().run_tmf(
                 session,
@@ -346,7 +380,13 @@ impl Queue {
             })
     }
 
-    async fn run_scsi(self, session: Option<Current>, tag: u64, request: ScsiRequest) {
+    async fn run_scsi(
+        self,
+        session: Option<Current>,
+        tag: u64,
+        request: ScsiRequest,
+        buffer: Option<u64>,
+    ) {
         let written = request.data_out.len() as u64;
         let session = match self.session(session).await {
             Ok(s) => s,
@@ -364,7 +404,7 @@ impl Queue {
                     s.bytes_read += read;
                     s.bytes_written += written;
                 });
-                Out::Complete(tag, c)
+                Out::Complete(tag, c, buffer)
             }
             Ok(c) => {
                 self.count(|s| s.errors += 1);
@@ -433,15 +473,17 @@ impl Queue {
 /// Writes completions as they come, in batches; holds them while the adapter is hung.
 async fn write_loop(
     device: Arc<Device>,
+    shared: Arc<QueueShared>,
     mut rx: mpsc::UnboundedReceiver<Out>,
     mut writer: OwnedWriteHalf,
 ) {
+    let shm = shared.shm.as_ref();
     let mut buf = FrameBuffer::default();
     while let Some(first) = rx.recv().await {
-        queue_out(&mut buf, first);
+        queue_out(&mut buf, shm, first);
         while buf.queued() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(o) => queue_out(&mut buf, o),
+                Ok(o) => queue_out(&mut buf, shm, o),
                 Err(_) => break,
             }
         }
@@ -453,9 +495,18 @@ async fn write_loop(
     }
 }
 
-fn queue_out(buf: &mut FrameBuffer, out: Out) {
+/// Queues one message; a completion whose command named a buffer has its data copied there
+/// (the model of the adapter's DMA) and goes out as COMPLETE_SHM.
+fn queue_out(buf: &mut FrameBuffer, shm: Option<&Region>, out: Out) {
     match out {
-        Out::Complete(tag, c) => {
+        Out::Complete(tag, c, Some(offset))
+            if shm.is_some_and(|r| r.write(offset, c.data.segments())) =>
+        {
+            // At most read_len (a u32) bytes.
+            let len = u32::try_from(c.data.len()).unwrap_or(u32::MAX);
+            buf.queue_complete_shm(tag, c.status.0, c.residual, &c.sense, len)
+        }
+        Out::Complete(tag, c, _) => {
             buf.queue_complete(tag, c.status.0, c.residual, &c.sense, c.data.segments())
         }
         Out::Fail(tag, code, why) => buf.queue_fail(FrameKind::FAIL, tag, code, &why),

@@ -69,6 +69,7 @@ fn control_messages_round_trip() {
         Ok(Reply::Hello {
             protocol: 1,
             adapter: summary.clone(),
+            shm: true,
         }),
         Ok(Reply::Info(summary.clone())),
         Ok(Reply::Status(AdapterStatus {
@@ -142,6 +143,7 @@ fn data_messages_round_trip() {
             lun: 0x0001_0000_0000_0000,
             attr: TaskAttr::Ordered,
             read_len: 4096,
+            buffer: Some(8192),
             cdb: Bytes::from_static(&[0x88; 16]),
             data_out: Bytes::new(),
         }),
@@ -150,6 +152,7 @@ fn data_messages_round_trip() {
             lun: 0,
             attr: TaskAttr::Simple,
             read_len: 0,
+            buffer: None,
             cdb: Bytes::from(vec![0x7f; MAX_CDB]),
             data_out: big.clone(),
         }),
@@ -166,6 +169,13 @@ fn data_messages_round_trip() {
             residual: Residual::Overflow(1),
             sense: Bytes::new(),
             data: vec![big.clone()],
+        }),
+        Message::CompleteShm(CompleteShm {
+            tag: 9,
+            status: 0x02,
+            residual: Residual::Underflow(4096),
+            sense: Bytes::from_static(&[0x70, 0, 5, 0, 0, 0, 0, 10]),
+            data_len: 1 << 20,
         }),
         Message::Fail(Fail {
             tag: 7,
@@ -237,18 +247,18 @@ fn garbage_is_refused_with_a_reason() {
         Err(ProtocolError::Truncated("SUBMIT"))
     );
     // CDB length 0 and 261, attribute 9, CDB longer than the frame.
-    let mut submit = vec![0u8; 23];
+    let mut submit = vec![0u8; 31];
     submit[16] = 1;
     assert!(matches!(
         decode(FrameKind::SUBMIT.0, &submit),
         Err(ProtocolError::Invalid { .. })
     ));
-    submit[21..23].copy_from_slice(&261u16.to_be_bytes());
+    submit[29..31].copy_from_slice(&261u16.to_be_bytes());
     assert!(matches!(
         decode(FrameKind::SUBMIT.0, &submit),
         Err(ProtocolError::Invalid { .. })
     ));
-    submit[21..23].copy_from_slice(&6u16.to_be_bytes());
+    submit[29..31].copy_from_slice(&6u16.to_be_bytes());
     assert_eq!(
         decode(FrameKind::SUBMIT.0, &submit),
         Err(ProtocolError::Truncated("SUBMIT"))
@@ -271,6 +281,18 @@ fn garbage_is_refused_with_a_reason() {
     fail[8] = FailCode::CLOSED.0;
     fail.extend_from_slice(&[0xff, 0xfe]);
     assert!(decode(FrameKind::FAIL.0, &fail).is_err());
+    // COMPLETE_SHM carries no data after the sense.
+    let mut shm = vec![0u8; 20];
+    assert!(decode(FrameKind::COMPLETE_SHM.0, &shm).is_ok());
+    shm.push(0);
+    assert_eq!(
+        decode(FrameKind::COMPLETE_SHM.0, &shm),
+        Err(ProtocolError::Trailing("COMPLETE_SHM"))
+    );
+    assert_eq!(
+        decode(FrameKind::COMPLETE_SHM.0, &shm[..19]),
+        Err(ProtocolError::Truncated("COMPLETE_SHM"))
+    );
     // Residual kinds.
     let mut complete = vec![0u8; 16];
     complete[9] = 3;
@@ -385,17 +407,35 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             arb_attr(),
             any::<u32>(),
+            proptest::option::of(0..NO_BUFFER),
             proptest::collection::vec(any::<u8>(), 1..=MAX_CDB),
             bytes(5000)
         )
-            .prop_map(|(tag, lun, attr, read_len, cdb, data_out)| {
+            .prop_map(|(tag, lun, attr, read_len, buffer, cdb, data_out)| {
                 Message::Submit(Submit {
                     tag,
                     lun,
                     attr,
                     read_len,
+                    buffer,
                     cdb: cdb.into(),
                     data_out,
+                })
+            }),
+        (
+            any::<u64>(),
+            any::<u8>(),
+            arb_residual(),
+            bytes(300),
+            any::<u32>()
+        )
+            .prop_map(|(tag, status, residual, sense, data_len)| {
+                Message::CompleteShm(CompleteShm {
+                    tag,
+                    status,
+                    residual,
+                    sense,
+                    data_len,
                 })
             }),
         (
@@ -447,7 +487,7 @@ proptest! {
 
     #[test]
     fn arbitrary_payloads_of_every_kind_never_panic(
-        kind in prop_oneof![Just(1u8), Just(2), Just(3), Just(0x10), Just(0x11), Just(0x12), Just(0x13), Just(0x14)],
+        kind in prop_oneof![Just(1u8), Just(2), Just(3), Just(0x10), Just(0x11), Just(0x12), Just(0x13), Just(0x14), Just(0x15)],
         payload in proptest::collection::vec(any::<u8>(), 0..300),
     ) {
         if let Ok(Some(f)) = decode_frame(&mut frame(kind, &payload)) {

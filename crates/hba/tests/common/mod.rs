@@ -119,8 +119,18 @@ impl Hba {
         }
     }
 
+    /// The adapter's log, without terminal colours.
     pub fn log(&self) -> String {
-        self.daemon.log()
+        let log = self.daemon.log();
+        let mut plain = String::with_capacity(log.len());
+        let mut rest = log.as_str();
+        while let Some(at) = rest.find('\x1b') {
+            plain.push_str(&rest[..at]);
+            rest = &rest[at..];
+            rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
+        }
+        plain.push_str(rest);
+        plain
     }
 }
 
