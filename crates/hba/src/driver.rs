@@ -183,7 +183,7 @@ async fn handshake(
             Ok(Some(other)) => {
                 return Err(not_adapter(format!(
                     "unexpected answer to the hello ({})",
-                    message_name(&other)
+                    other.name()
                 )))
             }
             Ok(None) => return Err(closed()),
@@ -228,20 +228,6 @@ async fn handshake(
         })
 }
 
-fn message_name(m: &Message) -> &'static str {
-    match m {
-        Message::Request(_) => "a request",
-        Message::Reply(_) => "a reply with another id",
-        Message::Event(_) => "an event",
-        Message::Submit(_) => "SUBMIT",
-        Message::Complete(_) => "COMPLETE",
-        Message::CompleteShm(_) => "COMPLETE_SHM",
-        Message::Fail(_) => "FAIL",
-        Message::TaskMgmt(_) => "TASK_MGMT",
-        Message::TaskMgmtDone(_) => "TASK_MGMT_DONE",
-    }
-}
-
 /// How long tools wait for the adapter.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -271,7 +257,7 @@ async fn one_request(socket: &Path, request: Request) -> Result<Reply, DriverErr
                 Ok(Some(other)) => {
                     return Err(DriverError::NotAnAdapter {
                         socket: socket.to_owned(),
-                        why: format!("unexpected {}", message_name(&other)),
+                        why: format!("unexpected {}", other.name()),
                     })
                 }
                 Ok(None) => {
@@ -472,7 +458,7 @@ async fn control_reader(weak: Weak<AdapterShared>, mut reader: FrameReader<Owned
                 a.fail(format!(
                     "adapter {} broke the protocol: unexpected {} on the control connection",
                     a.name,
-                    message_name(&other)
+                    other.name()
                 ));
                 return;
             }
@@ -1054,7 +1040,7 @@ async fn queue_reader(weak: Weak<PathShared>, mut reader: FrameReader<OwnedReadH
             Ok(Some(Message::TaskMgmtDone(t))) => p.tmf_done(t),
             other => {
                 let why = match other {
-                    Ok(Some(m)) => format!("unexpected {} on the queue", message_name(&m)),
+                    Ok(Some(m)) => format!("unexpected {} on the queue", m.name()),
                     Ok(None) => "queue closed by the adapter".into(),
                     Err(e) => format!("queue: {e}"),
                 };

@@ -657,6 +657,21 @@ fn json<T: serde::de::DeserializeOwned>(
 }
 
 impl Message {
+    /// What the message is, for errors and logs (never its contents).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Request(_) => "a control request",
+            Message::Reply(_) => "a control reply",
+            Message::Event(_) => "an event",
+            Message::Submit(_) => "SUBMIT",
+            Message::Complete(_) => "COMPLETE",
+            Message::CompleteShm(_) => "COMPLETE_SHM",
+            Message::Fail(_) => "FAIL",
+            Message::TaskMgmt(_) => "TASK_MGMT",
+            Message::TaskMgmtDone(_) => "TASK_MGMT_DONE",
+        }
+    }
+
     /// Types a frame's payload.
     pub fn decode(frame: Frame) -> Result<Message, ProtocolError> {
         let mut p = frame.payload;

@@ -53,7 +53,10 @@ pub(super) async fn serve_connection(device: Arc<Device>, stream: UnixStream) {
         })))) => (id, hello),
         Ok(Ok(None)) => return,
         Ok(Ok(Some(other))) => {
-            tracing::warn!("connection did not start with a hello ({other:?}); dropped");
+            tracing::warn!(
+                "connection did not start with a hello ({}); dropped",
+                other.name()
+            );
             return;
         }
         Ok(Err(e)) => {
@@ -213,7 +216,8 @@ async fn serve_control(
             Ok(Some(other)) => {
                 tracing::warn!(
                     connection,
-                    "unexpected message on a control connection ({other:?}); dropped"
+                    "unexpected message on a control connection ({}); dropped",
+                    other.name()
                 );
                 break;
             }

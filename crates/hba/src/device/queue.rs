@@ -3,8 +3,9 @@
 //!
 //! Every command runs as its own task on the VF's session, so commands run concurrently up
 //! to the target's command window. Completions go through a channel to one writer task,
-//! which writes whatever has gathered in one vectored write (data-in segments as received,
-//! not copied).
+//! which writes whatever has gathered in one vectored write. A read's data goes into the
+//! buffer its SUBMIT named in the driver's shared memory (one copy, the model's DMA); without
+//! one, the data-in segments are written to the socket as received.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,8 @@ use tokio::task::AbortHandle;
 
 use super::{lock, Device, Vf};
 use crate::protocol::{
-    ControlError, FailCode, FrameBuffer, FrameKind, FrameReader, Message, Submit, TaskMgmt,
+    ControlError, FailCode, FrameBuffer, FrameKind, FrameReader, Message, ReadError, Submit,
+    TaskMgmt,
 };
 use crate::shm::Region;
 
@@ -113,13 +115,9 @@ impl QueueShared {
     }
 
     /// Sends the result of `tag` unless it was failed or abandoned meanwhile.
-    fn finish(&self, tag: u64, out: Out) -> bool {
-        let mut st = lock(&self.state);
-        if st.inflight.remove(&tag).is_some() {
+    fn finish(&self, tag: u64, out: Out) {
+        if lock(&self.state).inflight.remove(&tag).is_some() {
             let _ = self.out.send(out);
-            true
-        } else {
-            false
         }
     }
 }
@@ -243,28 +241,42 @@ impl Queue {
                 frame = reader.next_message() => {
                     // A hung adapter reads nothing: what arrived waits for recovery.
                     self.device.wait_not_hung().await;
-                    match frame {
-                        Ok(Some(Message::Submit(s))) => {
-                            if let Err(why) = self.submit(Work::Scsi(s)) {
-                                return why;
-                            }
-                        }
-                        Ok(Some(Message::TaskMgmt(t))) => {
-                            if let Err(why) = self.submit(Work::Tmf(t)) {
-                                return why;
-                            }
-                        }
-                        Ok(Some(other)) => {
-                            tracing::warn!(vf = self.vf.index, "unexpected message on a queue: {other:?}; dropping the connection");
-                            return "protocol violation".into();
-                        }
-                        Ok(None) => return "closed by the driver".into(),
-                        Err(e) => {
-                            tracing::warn!(vf = self.vf.index, error = %e, "bad queue frame; dropping the connection");
-                            return e.to_string();
+                    if let Some(why) = self.handle(frame) {
+                        return why;
+                    }
+                    // Whatever else the same read brought, without going round the loop.
+                    while !*self.device.hung.borrow() {
+                        let frame = match reader.try_next() {
+                            Ok(None) => break,
+                            Ok(Some(f)) => Message::decode(f).map(Some).map_err(Into::into),
+                            Err(e) => Err(e.into()),
+                        };
+                        if let Some(why) = self.handle(frame) {
+                            return why;
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Handles one frame off the connection; why to stop, if it ends the connection.
+    fn handle(&self, frame: Result<Option<Message>, ReadError>) -> Option<String> {
+        match frame {
+            Ok(Some(Message::Submit(s))) => self.submit(Work::Scsi(s)).err(),
+            Ok(Some(Message::TaskMgmt(t))) => self.submit(Work::Tmf(t)).err(),
+            Ok(Some(other)) => {
+                tracing::warn!(
+                    vf = self.vf.index,
+                    "unexpected {} on a queue; dropping the connection",
+                    other.name()
+                );
+                Some("protocol violation".into())
+            }
+            Ok(None) => Some("closed by the driver".into()),
+            Err(e) => {
+                tracing::warn!(vf = self.vf.index, error = %e, "bad queue frame; dropping the connection");
+                Some(e.to_string())
             }
         }
     }
