@@ -589,7 +589,23 @@ impl HbaAdapter {
             .abort_handle(),
         ];
         lock(&shared.tasks).extend(tasks);
-        Ok(Arc::new(HbaAdapter { shared }))
+        let adapter = Arc::new(HbaAdapter { shared });
+        // A hung adapter still answers hellos (so that `recover` gets through); one heartbeat
+        // tells whether it serves.
+        match adapter
+            .shared
+            .request(Request::Ping { seq: 0 }, options.heartbeat_timeout)
+            .await
+        {
+            Ok(Reply::Pong { .. }) => Ok(adapter),
+            Err(RequestError::Timeout) => Err(DriverError::Timeout {
+                socket: socket.to_owned(),
+                timeout: options.heartbeat_timeout,
+            }),
+            _ => Err(DriverError::Closed {
+                socket: socket.to_owned(),
+            }),
+        }
     }
 
     /// The adapter's socket.
