@@ -18,7 +18,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use super::{lock, Device, Vf};
+use super::{lock, Device, Poller, Vf};
 use crate::protocol::{
     ControlError, FailCode, FrameBuffer, FrameKind, FrameReader, Message, ReadError, Submit,
     TaskMgmt,
@@ -78,6 +78,7 @@ pub(crate) struct QueueShared {
     stop: watch::Sender<bool>,
     /// The driver's shared memory for data-in, if it gave some.
     shm: Option<Region>,
+    poller: Arc<Poller>,
 }
 
 impl QueueShared {
@@ -90,6 +91,7 @@ impl QueueShared {
     pub(crate) fn close(&self, why: &str) {
         let mut st = lock(&self.state);
         st.closed = true;
+        self.poller.ended(st.inflight.len());
         for (_, i) in st.inflight.drain() {
             i.abort.abort();
         }
@@ -104,6 +106,7 @@ impl QueueShared {
     pub(crate) fn interrupt(&self, hold: bool) {
         let mut st = lock(&self.state);
         let drained: Vec<Inflight> = st.inflight.drain().map(|(_, i)| i).collect();
+        self.poller.ended(drained.len());
         for i in drained {
             i.abort.abort();
             if hold {
@@ -117,6 +120,7 @@ impl QueueShared {
     /// Sends the result of `tag` unless it was failed or abandoned meanwhile.
     fn finish(&self, tag: u64, out: Out) {
         if lock(&self.state).inflight.remove(&tag).is_some() {
+            self.poller.ended(1);
             let _ = self.out.send(out);
         }
     }
@@ -143,6 +147,7 @@ pub(super) fn attach(
         state: Mutex::new(State::default()),
         stop: watch::Sender::new(false),
         shm,
+        poller: device.poller.clone(),
     });
     let generation = {
         let mut inner = lock(&vf.inner);
@@ -358,6 +363,7 @@ impl Queue {
                 t.lun,
             )),
         };
+        self.shared.poller.started();
         st.inflight.insert(
             tag,
             Inflight {
