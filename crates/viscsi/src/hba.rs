@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
-use hba::device::DeviceConfig;
+use hba::device::{DeviceConfig, DeviceOptions};
 use hba::protocol::{AdapterStatus, Fault, VfState};
 
 /// The adapter's subcommands.
@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// fastest on small machines).
     #[arg(long, value_name = "N", default_value_t = 1)]
     threads: usize,
+    /// Busy-poll while commands are in flight, as adapter firmware polls its rings: faster
+    /// on an otherwise idle host, slower on a busy one (it takes CPU from everything else).
+    #[arg(long)]
+    poll: bool,
 }
 
 #[derive(Args)]
@@ -89,7 +93,10 @@ pub fn run(command: HbaCommand) -> Result<(), String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?
-                .block_on(hba::device::serve(config))
+                .block_on(hba::device::serve_options(
+                    config,
+                    DeviceOptions { poll: a.poll },
+                ))
                 .map_err(|e| e.to_string())
         }
         HbaCommand::Status(a) => {
@@ -202,7 +209,15 @@ mod tests {
         let HbaCommand::Serve(a) = cli.command else {
             panic!("not serve")
         };
-        assert_eq!((a.vfs, a.name.as_str()), (8, "hba0"));
+        assert_eq!(
+            (a.vfs, a.name.as_str(), a.threads, a.poll),
+            (8, "hba0", 1, false)
+        );
+        let cli = TestCli::try_parse_from(["x", "serve", "--socket", "/s", "--poll"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            HbaCommand::Serve(ServeArgs { poll: true, .. })
+        ));
         for f in Fault::ALL {
             let cli = TestCli::try_parse_from(["x", "fault", "--socket", "/s", f.name()]).unwrap();
             let HbaCommand::Fault(a) = cli.command else {
