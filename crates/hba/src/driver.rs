@@ -5,9 +5,11 @@
 //! function, programs it with the VM's identity (the adapter logs in) and opens the VF's
 //! command queue, giving an [`OffloadPath`] that implements [`datapath::DataPath`].
 //!
-//! Health: a heartbeat goes out every [`DriverOptions::heartbeat_interval`]; an answer
-//! missing for [`DriverOptions::heartbeat_timeout`] means the adapter hung. The end of the
-//! control connection means it crashed; a link-down event means its port is down. Any of
+//! Health: a heartbeat goes out every [`DriverOptions::heartbeat_interval`]; when nothing at
+//! all (pong, reply, completion) arrived from the adapter for
+//! [`DriverOptions::heartbeat_timeout`], and still nothing after a short grace that lets this
+//! process read what may be waiting (it may have been held up itself), the adapter hung.
+//! The end of the control connection means it crashed; a link-down event means its port is down. Any of
 //! these turns the adapter's health to [`AdapterHealth::Failed`] for good: every command in
 //! flight on its paths fails at once with [`PathError::PathFailed`] (the caller re-issues it
 //! on another path), new ones fail the same way, and the driver closes its connections (so
@@ -20,7 +22,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use datapath::{
@@ -48,7 +50,8 @@ use crate::shm::{Buffer, Pool, Region, REGION_SIZE};
 pub struct DriverOptions {
     /// Time between heartbeats (100 ms).
     pub heartbeat_interval: Duration,
-    /// A heartbeat unanswered this long means the adapter hung (500 ms).
+    /// Nothing at all from the adapter (pongs, replies, events, completions) for this long
+    /// means it hung (500 ms).
     pub heartbeat_timeout: Duration,
     /// Bound on the hello of a new connection (2 s).
     pub hello_timeout: Duration,
@@ -350,6 +353,10 @@ struct AdapterShared {
     health: watch::Sender<AdapterHealth>,
     paths: Mutex<Vec<Weak<PathShared>>>,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// When the driver connected; `heard` counts from it.
+    connected: Instant,
+    /// When something last arrived from the adapter, in microseconds since `connected`.
+    last_heard: AtomicU64,
 }
 
 impl Drop for AdapterShared {
@@ -361,6 +368,18 @@ impl Drop for AdapterShared {
 }
 
 impl AdapterShared {
+    /// Something arrived from the adapter.
+    fn heard(&self) {
+        let us = self.connected.elapsed().as_micros() as u64;
+        self.last_heard.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// How long nothing arrived from the adapter.
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_micros(self.last_heard.load(Ordering::Relaxed));
+        self.connected.elapsed().saturating_sub(last)
+    }
+
     fn failed(&self) -> Option<String> {
         lock(&self.pending).failed.clone()
     }
@@ -444,12 +463,25 @@ async fn control_reader(weak: Weak<AdapterShared>, mut reader: FrameReader<Owned
         let message = reader.next_message().await;
         let Some(a) = weak.upgrade() else { return };
         match message {
-            Ok(Some(Message::Reply(r))) => a.deliver(r),
+            Ok(Some(Message::Reply(r))) => {
+                a.heard();
+                if let Ok(Reply::Pong {
+                    vfs_in_use,
+                    link_up,
+                    ..
+                }) = &r.result
+                {
+                    let mut s = lock(&a.summary);
+                    s.vfs_in_use = *vfs_in_use;
+                    s.link_up = *link_up;
+                }
+                a.deliver(r);
+            }
             Ok(Some(Message::Event(Event::LinkDown))) => {
                 a.fail(format!("adapter {}: link down", a.name));
                 return;
             }
-            Ok(Some(Message::Event(Event::LinkUp))) => {}
+            Ok(Some(Message::Event(Event::LinkUp))) => a.heard(),
             Ok(Some(Message::Event(Event::ShuttingDown))) => {
                 a.fail(format!("adapter {} is shutting down", a.name));
                 return;
@@ -497,6 +529,13 @@ async fn control_writer(
     }
 }
 
+/// After the adapter seemed silent for too long, how long the readers get to take in what
+/// may be waiting unread (if this process itself was held up) before the adapter counts as
+/// hung.
+const SILENCE_GRACE: Duration = Duration::from_millis(50);
+
+/// Pings every `interval`; an adapter from which nothing at all (pong, reply, event,
+/// completion) arrived for `timeout` hung.
 async fn heartbeat(weak: Weak<AdapterShared>, interval: Duration, timeout: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -504,30 +543,24 @@ async fn heartbeat(weak: Weak<AdapterShared>, interval: Duration, timeout: Durat
     loop {
         tick.tick().await;
         let Some(a) = weak.upgrade() else { return };
+        if a.failed().is_some() {
+            return;
+        }
         seq += 1;
-        match a.request(Request::Ping { seq }, timeout).await {
-            Ok(Reply::Pong {
-                vfs_in_use,
-                link_up,
-                ..
-            }) => {
-                let mut s = lock(&a.summary);
-                s.vfs_in_use = vfs_in_use;
-                s.link_up = link_up;
-            }
-            Err(RequestError::Timeout) => {
-                a.fail(format!(
-                    "adapter {} hung (no heartbeat answer within {} ms)",
-                    a.name,
-                    timeout.as_millis()
-                ));
-                return;
-            }
-            Err(RequestError::Failed(_)) => return,
-            Ok(_) | Err(RequestError::Control(_)) => {
-                a.fail(format!("adapter {} broke the protocol (heartbeat)", a.name));
-                return;
-            }
+        a.send(Request::Ping { seq });
+        if a.silent_for() <= timeout {
+            continue;
+        }
+        drop(a);
+        tokio::time::sleep(SILENCE_GRACE).await;
+        let Some(a) = weak.upgrade() else { return };
+        if a.silent_for() > timeout {
+            a.fail(format!(
+                "adapter {} hung (no answer for {} ms)",
+                a.name,
+                timeout.as_millis()
+            ));
+            return;
         }
     }
 }
@@ -576,6 +609,8 @@ impl HbaAdapter {
             health: watch::Sender::new(AdapterHealth::Ok),
             paths: Mutex::default(),
             tasks: Mutex::default(),
+            connected: Instant::now(),
+            last_heard: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&shared);
         let tasks = [
@@ -1049,6 +1084,7 @@ async fn queue_reader(weak: Weak<PathShared>, mut reader: FrameReader<OwnedReadH
     loop {
         let message = reader.next_message().await;
         let Some(p) = weak.upgrade() else { return };
+        p.adapter.heard();
         match message {
             Ok(Some(Message::Complete(c))) => p.complete(c),
             Ok(Some(Message::CompleteShm(c))) => p.complete_shm(c),
