@@ -3,6 +3,7 @@
 //! software path's, two VMs on two VFs, capacity and authentication errors, garbage on the
 //! sockets in both directions.
 
+#[path = "hba_common/mod.rs"]
 mod common;
 
 use std::sync::Arc;

@@ -5,71 +5,15 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use datapath::{Command as ScsiCommand, DataPath, InitiatorClient, PathError, Status, TaskAttr};
 use peer_harness::{Daemon, RunningTarget, TargetConfig, TargetKind, TempDir};
 
-/// The `viscsi` binary next to this test's profile directory (`<target>/<profile>/viscsi`),
-/// or `VISCSI_BIN`.
-///
-/// The binary belongs to another package, so cargo does not build it for this crate's tests.
-/// Under cargo-nextest (which holds no cargo lock while tests run) it is brought up to date
-/// here, once per test process; under `cargo test` it must have been built
-/// (`cargo build -p viscsi`).
+/// The `viscsi` binary cargo built for these tests.
 pub fn viscsi_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("VISCSI_BIN") {
-            return PathBuf::from(bin);
-        }
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable in <target>/<profile>/deps");
-        let bin = profile_dir.join("viscsi");
-        if std::env::var_os("NEXTEST_RUN_ID").is_some() {
-            build_viscsi(profile_dir);
-        }
-        assert!(
-            bin.exists(),
-            "{} does not exist: build it first (cargo build -p viscsi, with --release for release tests) or set VISCSI_BIN",
-            bin.display()
-        );
-        bin
-    })
-}
-
-fn build_viscsi(profile_dir: &Path) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let target_dir = profile_dir.parent().expect("target directory");
-    let profile = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("debug");
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "viscsi", "--bin", "viscsi"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let out = cmd.output().expect("run cargo build -p viscsi");
-    assert!(
-        out.status.success(),
-        "cargo build -p viscsi failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Path::new(env!("CARGO_BIN_EXE_viscsi"))
 }
 
 pub fn viscsi_target() -> TargetKind {

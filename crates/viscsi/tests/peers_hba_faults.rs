@@ -4,6 +4,7 @@
 //! PathFailed (each worker's last command; none lost, none completed twice), fail new ones
 //! the same way, and leave the target's session free for the VM's next path.
 
+#[path = "hba_common/mod.rs"]
 mod common;
 
 use std::sync::Arc;
