@@ -65,45 +65,42 @@ pub fn bind_control_socket(path: &Path) -> Result<UnixListener, String> {
 /// Serves the control API until the listener fails.
 pub async fn serve_control(agent: Agent, listener: UnixListener) {
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "control socket accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let agent = agent.clone();
-                async move { Ok::<_, Infallible>(handle(&agent, req, true).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        match listener.accept().await {
+            Ok((stream, _)) => spawn_connection(agent.clone(), stream, true),
+            Err(e) => accept_failed(e).await,
+        }
     }
 }
 
 /// Serves `GET /metrics` (and nothing else) on a TCP listener.
 pub async fn serve_metrics(agent: Agent, listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let agent = agent.clone();
-                async move { Ok::<_, Infallible>(handle(&agent, req, false).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        match listener.accept().await {
+            Ok((stream, _)) => spawn_connection(agent.clone(), stream, false),
+            Err(e) => accept_failed(e).await,
+        }
     }
+}
+
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// One HTTP/1.1 connection; `control` selects the whole API or metrics only.
+fn spawn_connection<S>(agent: Agent, stream: S, control: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = service_fn(move |req| {
+            let agent = agent.clone();
+            async move { Ok::<_, Infallible>(handle(&agent, req, control).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    });
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -234,7 +231,7 @@ async fn scsi(agent: &Agent, name: &str, p: ScsiPassthrough) -> Reply {
         return error(StatusCode::BAD_REQUEST, "at most 1 MiB of data each way");
     }
     let command = datapath::Command {
-        lun: lun_field(p.lun),
+        lun: scsi::lun::encode(p.lun),
         cdb: Bytes::from(cdb),
         data_out: Bytes::from(data),
         read_len: p.read_len,
@@ -266,14 +263,5 @@ async fn scsi(agent: &Agent, name: &str, p: ScsiPassthrough) -> Reply {
             )
         }
         Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
-    }
-}
-
-/// The 8-byte SAM LUN field of LUN number `n` (peripheral addressing below 256, flat above).
-pub fn lun_field(n: u64) -> u64 {
-    if n < 256 {
-        n << 48
-    } else {
-        (0x4000 | (n & 0x3fff)) << 48
     }
 }

@@ -125,7 +125,7 @@ pub struct SessionSettings {
 
 impl Default for SessionSettings {
     fn default() -> Self {
-        let n = initiator_default_negotiation();
+        let n = initiator::default_negotiation();
         SessionSettings {
             header_digest: vec!["none".into(), "crc32c".into()],
             data_digest: vec!["none".into(), "crc32c".into()],
@@ -136,10 +136,6 @@ impl Default for SessionSettings {
             initial_r2t: n.initial_r2t,
         }
     }
-}
-
-fn initiator_default_negotiation() -> iscsi_proto::keys::NegotiationConfig {
-    SessionOptions::new(Identity::new("iqn.x", Isid(0)), "x:1", "x").negotiation
 }
 
 /// Timeouts of session recovery, in milliseconds (0: none, where that makes sense).

@@ -34,7 +34,7 @@
 //! ranges, truncation and trailing bytes; a bad frame is an error, never a panic.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use datapath::{AdapterHealth, InitiatorClient, Residual, TaskAttr};
@@ -962,32 +962,7 @@ impl FrameBuffer {
     /// stays queued.
     pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> io::Result<()> {
         self.flush_pending();
-        while !self.segments.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .segments
-                .iter()
-                .take(64)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            let mut n = io.write_vectored(&slices).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.queued = self.queued.saturating_sub(n);
-            while n > 0 {
-                let Some(seg) = self.segments.front_mut() else {
-                    break;
-                };
-                if n >= seg.len() {
-                    n -= seg.len();
-                    self.segments.pop_front();
-                } else {
-                    seg.advance(n);
-                    n = 0;
-                }
-            }
-        }
-        self.queued = 0;
+        iscsi_net::write_segments(io, &mut self.segments, &mut self.queued).await?;
         io.flush().await
     }
 }

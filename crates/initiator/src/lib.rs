@@ -31,5 +31,7 @@ pub use iscsi_proto::initiator::{
 };
 pub use iscsi_proto::keys::Digest;
 pub use iscsi_wire::Isid;
-pub use options::{DiscoveryOptions, Identity, RecoveryPolicy, SessionOptions};
+pub use options::{
+    default_negotiation, DiscoveryOptions, Identity, RecoveryPolicy, SessionOptions,
+};
 pub use session::{Session, SessionStats};

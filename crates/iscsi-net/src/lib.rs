@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use iscsi_wire::frame::{encode_head, encode_tail};
 use iscsi_wire::{Bhs, FrameDecoder, FrameError, FrameLimits, PduError, RawPdu, BHS_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -150,6 +150,38 @@ fn framing_lost(e: FrameError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// Writes `segments` front first with vectored writes (64 at a time), taking written bytes
+/// off the queue and off `queued` as they go, so that a cancelled call leaves exactly what is
+/// unwritten for the next one. Does not flush `io`.
+pub async fn write_segments<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    segments: &mut VecDeque<Bytes>,
+    queued: &mut usize,
+) -> io::Result<()> {
+    while !segments.is_empty() {
+        let slices: Vec<IoSlice<'_>> = segments.iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let mut n = io.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        *queued = queued.saturating_sub(n);
+        while n > 0 {
+            let Some(seg) = segments.front_mut() else {
+                break;
+            };
+            if n >= seg.len() {
+                n -= seg.len();
+                segments.pop_front();
+            } else {
+                seg.advance(n);
+                n = 0;
+            }
+        }
+    }
+    *queued = 0;
+    Ok(())
+}
+
 /// Collects PDUs and writes them in one vectored write per flush.
 pub struct PduWriter<W> {
     inner: W,
@@ -213,31 +245,7 @@ impl<W: AsyncWrite + Unpin> PduWriter<W> {
         if !self.scratch.is_empty() {
             self.segments.push_back(self.scratch.split().freeze());
         }
-        while !self.segments.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .segments
-                .iter()
-                .take(64)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            let mut n = self.inner.write_vectored(&slices).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.queued = self.queued.saturating_sub(n);
-            while n > 0 {
-                let Some(seg) = self.segments.front_mut() else {
-                    break;
-                };
-                if n >= seg.len() {
-                    n -= seg.len();
-                    self.segments.pop_front();
-                } else {
-                    let _ = seg.split_to(n);
-                    n = 0;
-                }
-            }
-        }
+        write_segments(&mut self.inner, &mut self.segments, &mut self.queued).await?;
         self.queued = 0;
         self.inner.flush().await
     }

@@ -24,6 +24,7 @@ use agent::model::{CreateVm, PathPolicy, ScsiPassthrough, ScsiResult, VmView};
 use base64::Engine;
 use datapath::{ChapSettings, Secret};
 use peer_harness::agent::{HostAgent, ReferenceHba};
+use peer_harness::hex;
 use peer_harness::target::MIB;
 use peer_harness::{RunningTarget, TargetConfig, TargetKind, TempDir};
 
@@ -49,10 +50,6 @@ fn unb64(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(s.as_bytes())
         .expect("base64 from the agent")
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The sense key of hex sense data (fixed or descriptor format).

@@ -41,14 +41,6 @@ fn adapter_flag(s: &str) -> Result<AdapterConfig, String> {
     })
 }
 
-fn machine_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
 /// The flags merged over the file, validated.
 fn host_config(a: HostArgs) -> Result<HostConfig, String> {
     let mut c = match &a.config {
@@ -99,7 +91,7 @@ async fn serve(config: HostConfig) -> Result<(), String> {
         None => None,
     };
     let options = HostOptions {
-        name: config.name.clone().unwrap_or_else(machine_hostname),
+        name: config.host_name(),
         state_dir: config
             .state_dir
             .clone()
