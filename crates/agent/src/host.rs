@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     unavailable: RwLock<BTreeMap<String, String>>,
     vms: RwLock<BTreeMap<String, Arc<Vm>>>,
     sysfs_root: PathBuf,
+    /// Where default vhost-user sockets go (`vhost/<VM>.sock`).
+    state_dir: PathBuf,
     configured: Vec<AdapterConfig>,
     started: Instant,
     /// Serializes creates and deletes (name and InitiatorName uniqueness).
@@ -114,6 +116,7 @@ impl Agent {
             unavailable: RwLock::new(BTreeMap::new()),
             vms: RwLock::new(BTreeMap::new()),
             sysfs_root: options.sysfs_root,
+            state_dir: options.state_dir.clone(),
             configured: options.adapters,
             started: Instant::now(),
             admin: tokio::sync::Mutex::new(()),
@@ -266,7 +269,11 @@ impl Agent {
                 "restored",
                 format!("taken back by host {}", self.shared.name),
             );
-            write(&self.shared.vms).insert(name, vm.clone());
+            write(&self.shared.vms).insert(name.clone(), vm.clone());
+            if let Err(e) = vm.start_bus() {
+                tracing::error!(vm = %name, error = %e, "virtual bus not served");
+                vm.event("error", e);
+            }
             vm.spawn_bring_up();
         }
         Ok(())
@@ -303,16 +310,47 @@ impl Agent {
                 return Err(AgentError::BadRequest(format!("no adapter named {a}")));
             }
         }
+        let frontend = match &request.frontend {
+            Some(f) => {
+                f.validate().map_err(AgentError::BadRequest)?;
+                let mut f = f.clone();
+                let socket = f.socket.clone().unwrap_or_else(|| {
+                    self.shared
+                        .state_dir
+                        .join("vhost")
+                        .join(format!("{}.sock", request.name))
+                });
+                if let Some(other) = read(&self.shared.vms).values().find(|vm| {
+                    vm.record().frontend.and_then(|f| f.socket).as_ref() == Some(&socket)
+                }) {
+                    return Err(AgentError::Conflict(format!(
+                        "socket {} is already used by VM {}",
+                        socket.display(),
+                        other.name()
+                    )));
+                }
+                f.socket = Some(socket);
+                Some(f)
+            }
+            None => None,
+        };
         let mut record = VmRecord::new(request.name.clone(), client, request.path, request.adapter);
+        record.frontend = frontend;
         record.push_event(VmEvent::new(
             "created",
             format!("on host {}", self.shared.name),
         ));
         // Stored with its first path event; nothing is stored if no path comes up.
         let vm = Vm::new(&self.shared, record);
-        vm.bring_up().await.map_err(|e| {
-            AgentError::Unavailable(format!("VM {} not created: {e}", request.name))
-        })?;
+        vm.start_bus()
+            .map_err(|e| AgentError::BadRequest(format!("VM {} not created: {e}", request.name)))?;
+        if let Err(e) = vm.bring_up().await {
+            vm.shutdown().await;
+            return Err(AgentError::Unavailable(format!(
+                "VM {} not created: {e}",
+                request.name
+            )));
+        }
         write(&self.shared.vms).insert(request.name.clone(), vm.clone());
         Ok(vm.view())
     }

@@ -57,6 +57,74 @@ pub struct CreateVm {
     pub chap: Option<ChapSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation_key: Option<String>,
+    /// The virtual bus the agent serves for the VMM (none: the VM's I/O comes only through
+    /// the control API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend: Option<Frontend>,
+}
+
+/// Which device the VM's VMM attaches, on which vhost-user socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    /// Absolute path of the socket; default `<state dir>/vhost/<VM>.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<std::path::PathBuf>,
+    /// Request queues offered to the VMM (1–16; default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    /// The VM's memory in MiB, only for the QEMU options shown (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+}
+
+/// The device kind of a [`Frontend`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrontendKind {
+    /// vhost-user-scsi: the guest's SCSI commands go to the LUNs unchanged.
+    Scsi,
+    /// vhost-user-blk: the VM's first LUN as a block device.
+    Blk,
+}
+
+impl Frontend {
+    pub const MAX_QUEUES: u16 = 16;
+    pub const DEFAULT_QUEUES: u16 = 4;
+
+    pub fn queues(&self) -> u16 {
+        self.queues.unwrap_or(Self::DEFAULT_QUEUES)
+    }
+
+    /// Checks what a user gave.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(socket) = &self.socket {
+            if !socket.is_absolute() {
+                return Err(format!(
+                    "frontend socket {} is not an absolute path",
+                    socket.display()
+                ));
+            }
+            if socket.file_name().is_none() {
+                return Err(format!(
+                    "frontend socket {} names no file",
+                    socket.display()
+                ));
+            }
+        }
+        if self.memory_mib == Some(0) {
+            return Err("frontend memory_mib must not be 0".into());
+        }
+        if !(1..=Self::MAX_QUEUES).contains(&self.queues()) {
+            return Err(format!(
+                "frontend queues must be 1 to {}, not {}",
+                Self::MAX_QUEUES,
+                self.queues()
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl CreateVm {
@@ -116,6 +184,9 @@ pub struct VmRecord {
     /// The most recent events, oldest first (at most [`VmRecord::HISTORY`]).
     #[serde(default)]
     pub history: Vec<VmEvent>,
+    /// The virtual bus, with its socket resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend: Option<Frontend>,
 }
 
 impl VmRecord {
@@ -135,6 +206,7 @@ impl VmRecord {
             adapter,
             created_ms: now_ms(),
             history: Vec::new(),
+            frontend: None,
         }
     }
 
@@ -148,6 +220,9 @@ impl VmRecord {
     pub fn validate(&self) -> Result<(), String> {
         if !valid_vm_name(&self.name) {
             return Err(format!("VM name {:?} is not valid", self.name));
+        }
+        if let Some(frontend) = &self.frontend {
+            frontend.validate()?;
         }
         self.client.validate().map_err(|e| e.to_string())
     }
@@ -215,6 +290,23 @@ pub struct VmView {
     pub reissued: u64,
     pub metrics: MetricsSnapshot,
     pub history: Vec<VmEvent>,
+    /// The virtual bus and how QEMU attaches to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend: Option<FrontendView>,
+}
+
+/// A VM's virtual bus in [`VmView`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FrontendView {
+    pub kind: FrontendKind,
+    pub socket: std::path::PathBuf,
+    pub queues: u16,
+    /// Whether the agent serves the socket now (and why not, if not).
+    pub serving: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// QEMU options that attach the VM (add the VM's `-m` size to the memory backend).
+    pub qemu_options: Vec<String>,
 }
 
 /// `GET /v1/adapters`: one adapter the agent can use.

@@ -4,11 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use datapath::{AdapterKind, Command, Completion, DataPath, PathError, SessionState};
+use datapath::{AdapterKind, BoxFuture, Command, Completion, DataPath, PathError, SessionState};
 
 use crate::host::Shared;
 use crate::metrics::{Op, VmMetrics};
-use crate::model::{VmEvent, VmRecord, VmState, VmView};
+use crate::model::{Frontend, FrontendKind, FrontendView, VmEvent, VmRecord, VmState, VmView};
 
 /// The path a VM runs on now.
 #[derive(Clone)]
@@ -35,6 +35,53 @@ pub struct Vm {
     switch: tokio::sync::Mutex<()>,
     /// Deleted, or the agent stopped: no more paths, events or retries.
     stopped: std::sync::atomic::AtomicBool,
+    /// The LUNs the VM may use (from its client record, which does not change).
+    luns: Vec<u64>,
+    /// The virtual bus being served, or why it is not.
+    bus: Mutex<BusState>,
+}
+
+#[derive(Default)]
+struct BusState {
+    server: Option<vhost_frontend::VhostServer>,
+    error: Option<String>,
+}
+
+/// The VM as its virtual bus sees it: commands go through [`Vm::submit`] (with failover).
+/// Weak, because the VM owns the bus.
+struct BusStorage(Weak<Vm>);
+
+impl vhost_frontend::Storage for BusStorage {
+    fn submit(&self, command: Command) -> BoxFuture<'static, Result<Completion, PathError>> {
+        let vm = self.0.upgrade();
+        Box::pin(async move {
+            match vm {
+                Some(vm) => vm.submit(command).await,
+                None => Err(PathError::Closed),
+            }
+        })
+    }
+
+    fn task_management(
+        &self,
+        function: datapath::TmfFunction,
+        lun: u64,
+    ) -> BoxFuture<'static, Result<(), PathError>> {
+        let vm = self.0.upgrade();
+        Box::pin(async move {
+            match vm {
+                Some(vm) => vm.task_management(function, lun).await,
+                None => Err(PathError::Closed),
+            }
+        })
+    }
+
+    fn luns(&self) -> Vec<u64> {
+        self.0
+            .upgrade()
+            .map(|vm| vm.luns.clone())
+            .unwrap_or_default()
+    }
 }
 
 fn op_of(cdb: &[u8]) -> Op {
@@ -49,6 +96,8 @@ impl Vm {
     pub(crate) fn new(shared: &Arc<Shared>, record: VmRecord) -> Arc<Vm> {
         Arc::new(Vm {
             name: record.name.clone(),
+            luns: record.client.luns.clone(),
+            bus: Mutex::new(BusState::default()),
             shared: Arc::downgrade(shared),
             record: Mutex::new(record),
             current: RwLock::new(None),
@@ -288,10 +337,72 @@ impl Vm {
         }
     }
 
+    /// Starts serving the VM's virtual bus, if its record has one (socket resolved).
+    pub(crate) fn start_bus(self: &Arc<Self>) -> Result<(), String> {
+        let Some(frontend) = self.record().frontend else {
+            return Ok(());
+        };
+        let Some(socket) = frontend.socket.clone() else {
+            return Err("frontend socket not resolved".into());
+        };
+        let kind = match frontend.kind {
+            FrontendKind::Scsi => vhost_frontend::FrontendKind::Scsi,
+            FrontendKind::Blk => vhost_frontend::FrontendKind::Blk,
+        };
+        let mut config = vhost_frontend::BusConfig::new(&self.name, kind, &socket);
+        config.request_queues = frontend.queues();
+        let storage = Arc::new(BusStorage(Arc::downgrade(self)));
+        let result = vhost_frontend::serve(config, storage, tokio::runtime::Handle::current());
+        let mut bus = lock(&self.bus);
+        match result {
+            Ok(server) => {
+                bus.server = Some(server);
+                bus.error = None;
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("vhost-user socket {}: {e}", socket.display());
+                bus.error = Some(why.clone());
+                Err(why)
+            }
+        }
+    }
+
+    /// Stops serving the virtual bus (the VMM sees its socket close).
+    pub(crate) async fn stop_bus(&self) {
+        let server = lock(&self.bus).server.take();
+        if let Some(mut server) = server {
+            let _ = tokio::task::spawn_blocking(move || server.stop()).await;
+        }
+    }
+
+    fn frontend_view(&self, frontend: &Frontend) -> FrontendView {
+        let bus = lock(&self.bus);
+        let socket = frontend.socket.clone().unwrap_or_default();
+        let kind = match frontend.kind {
+            FrontendKind::Scsi => vhost_frontend::FrontendKind::Scsi,
+            FrontendKind::Blk => vhost_frontend::FrontendKind::Blk,
+        };
+        FrontendView {
+            kind: frontend.kind,
+            qemu_options: vhost_frontend::qemu_options(
+                kind,
+                &socket,
+                frontend.memory_mib.unwrap_or(1024),
+                frontend.queues(),
+            ),
+            socket,
+            queues: frontend.queues(),
+            serving: bus.server.is_some(),
+            error: bus.error.clone(),
+        }
+    }
+
     /// Ends the VM's session (logout) and stops all retries: the VM is deleted or the agent
     /// is stopping.
     pub(crate) async fn shutdown(&self) {
         self.stopped.store(true, Ordering::Relaxed);
+        self.stop_bus().await;
         let _switch = self.switch.lock().await;
         let cur = self
             .current
@@ -320,6 +431,7 @@ impl Vm {
             path_stats: cur.as_ref().map(|c| c.path.stats()).unwrap_or_default(),
             reissued: self.reissued.load(Ordering::Relaxed),
             metrics: self.metrics.snapshot(),
+            frontend: record.frontend.as_ref().map(|f| self.frontend_view(f)),
             history: record.history,
         }
     }

@@ -275,7 +275,10 @@ fn accept_loop(
             tracing::info!(vm = %name, "VMM connected");
         }
         match daemon.wait() {
-            Ok(()) => tracing::info!(vm = %name, "VMM disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!(vm = %name, "VMM disconnected"),
             Err(e) => tracing::warn!(vm = %name, "VMM connection ended: {e}"),
         }
         *connection.lock().unwrap_or_else(|p| p.into_inner()) = None;

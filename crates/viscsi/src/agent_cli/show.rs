@@ -108,6 +108,26 @@ pub fn vm_details(v: &VmView) -> String {
             },
         );
     }
+    if let Some(f) = &v.frontend {
+        let kind = match f.kind {
+            agent::model::FrontendKind::Scsi => "vhost-user-scsi",
+            agent::model::FrontendKind::Blk => "vhost-user-blk",
+        };
+        let state = match (&f.serving, &f.error) {
+            (true, _) => "serving".to_string(),
+            (false, Some(e)) => format!("not serving: {e}"),
+            (false, None) => "not serving".to_string(),
+        };
+        line(
+            "frontend",
+            format!(
+                "{kind} on {} ({} queues), {state}",
+                f.socket.display(),
+                f.queues
+            ),
+        );
+        line("qemu", f.qemu_options.join(" "));
+    }
     let m = &v.metrics;
     line(
         "commands",

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use agent::model::{CreateVm, PathPolicy, ScsiPassthrough, ScsiResult, VmView};
+use agent::model::{
+    CreateVm, Frontend, FrontendKind, PathPolicy, ScsiPassthrough, ScsiResult, VmView,
+};
 use base64::Engine;
 use clap::{Args, Subcommand, ValueEnum};
 use datapath::{ChapSettings, InitiatorClient, Secret};
@@ -76,6 +78,18 @@ pub struct CreateArgs {
     /// Only this offload adapter.
     #[arg(long)]
     adapter: Option<String>,
+    /// Serve the VM a virtual bus for its VMM: a vhost-user-scsi or vhost-user-blk device.
+    #[arg(long, value_enum)]
+    frontend: Option<FrontendArg>,
+    /// The vhost-user socket [default: <agent state dir>/vhost/NAME.sock].
+    #[arg(long = "vhost-socket", value_name = "PATH", requires = "frontend")]
+    vhost_socket: Option<PathBuf>,
+    /// Request queues of the device (1-16).
+    #[arg(long, default_value_t = 4, requires = "frontend")]
+    queues: u16,
+    /// The VM's memory in MiB, for the QEMU options printed.
+    #[arg(long, default_value_t = 1024, requires = "frontend")]
+    memory_mib: u64,
     /// A complete initiator client record (JSON) instead of the flags above.
     #[arg(long, conflicts_with_all = ["url", "portals", "target", "luns", "initiator_name", "isid", "chap_user", "reservation_key"])]
     client_file: Option<PathBuf>,
@@ -138,8 +152,39 @@ fn secret_from(file: &Option<PathBuf>, env: &str) -> Result<Option<Secret>, Stri
     Ok(std::env::var(env).ok().map(Secret::Value))
 }
 
+/// `--frontend`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FrontendArg {
+    Scsi,
+    Blk,
+}
+
 fn create_request(a: &CreateArgs) -> Result<CreateVm, String> {
+    let frontend = match a.frontend {
+        Some(kind) => {
+            let socket = match &a.vhost_socket {
+                Some(p) if p.is_absolute() => Some(p.clone()),
+                Some(p) => Some(
+                    std::env::current_dir()
+                        .map_err(|e| format!("--vhost-socket: {e}"))?
+                        .join(p),
+                ),
+                None => None,
+            };
+            Some(Frontend {
+                kind: match kind {
+                    FrontendArg::Scsi => FrontendKind::Scsi,
+                    FrontendArg::Blk => FrontendKind::Blk,
+                },
+                socket,
+                queues: Some(a.queues),
+                memory_mib: Some(a.memory_mib),
+            })
+        }
+        None => None,
+    };
     let mut req = CreateVm {
+        frontend,
         name: a.name.clone(),
         path: match a.path {
             PathArg::Auto => PathPolicy::Auto,
@@ -235,6 +280,17 @@ pub async fn run(command: VmCommand) -> Result<(), String> {
                 "initiator {} isid {}",
                 view.client.initiator_name, view.client.isid
             );
+            if let Some(f) = &view.frontend {
+                println!(
+                    "vhost-user-{} on {}; attach with these QEMU options:",
+                    match f.kind {
+                        FrontendKind::Scsi => "scsi",
+                        FrontendKind::Blk => "blk",
+                    },
+                    f.socket.display()
+                );
+                println!("  {}", qemu_command_line(&f.qemu_options));
+            }
             Ok(())
         }
         VmCommand::List(a) => {
@@ -355,4 +411,25 @@ async fn scsi(a: ScsiArgs) -> Result<(), String> {
         return Err(format!("SCSI status 0x{:02x}", result.status));
     }
     Ok(())
+}
+
+/// QEMU options as one shell line: each option with its argument, quoted where needed.
+pub fn qemu_command_line(options: &[String]) -> String {
+    let quoted: Vec<String> = options
+        .iter()
+        .map(|o| {
+            if o.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_=,./:+@%".contains(c))
+            {
+                o.clone()
+            } else {
+                format!("'{}'", o.replace('\'', "'\\''"))
+            }
+        })
+        .collect();
+    quoted
+        .chunks(2)
+        .map(|pair| pair.join(" "))
+        .collect::<Vec<_>>()
+        .join(" \\\n  ")
 }
