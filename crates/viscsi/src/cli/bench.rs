@@ -6,6 +6,14 @@
 //! adapter (`viscsi hba serve`): the bench programs a VF with its identity and submits the
 //! same commands through the adapter driver's data path instead of its own session.
 //!
+//! With `--vhost SOCKET` the load goes to a vhost-user-scsi or vhost-user-blk back end (the
+//! agent's per-VM socket, or qemu-storage-daemon) through this process acting as the VMM
+//! (`vhost_driver::Driver`): one thread keeps `--qd` requests on the first request queue,
+//! reaping completions from the used ring and resubmitting at once. The URL is then optional;
+//! the capacity comes from READ CAPACITY (16) through the driver (scsi) or the virtio-blk
+//! config space (blk). Data buffers are preallocated in the shared guest memory (writes send
+//! whatever those buffers hold).
+//!
 //! Each worker keeps its own latency histogram (merged at the end), so measuring costs two
 //! clock reads per I/O and no shared state. Writes send one random buffer made at start-up,
 //! shared by reference. Random offsets come from a fixed-seed xorshift per worker, so runs
@@ -62,9 +70,10 @@ impl Workload {
 /// `viscsi bench` flags.
 #[derive(Args)]
 pub struct BenchArgs {
-    /// iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN (writes destroy its data).
-    #[arg(value_name = "URL")]
-    url: String,
+    /// iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN (writes destroy its data);
+    /// optional with --vhost.
+    #[arg(value_name = "URL", required_unless_present = "vhost")]
+    url: Option<String>,
     /// Workload.
     #[arg(long, value_enum, default_value = "randread")]
     rw: Workload,
@@ -88,10 +97,36 @@ pub struct BenchArgs {
     threads: usize,
     /// Run the load through a virtual function of the reference offload adapter listening
     /// on this socket (`viscsi hba serve`) instead of a session of this process.
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", conflicts_with = "vhost")]
     hba: Option<PathBuf>,
+    /// Run the load through a vhost-user back end listening on this socket, this process
+    /// playing the VMM.
+    #[arg(long, value_name = "SOCKET")]
+    vhost: Option<PathBuf>,
+    /// The vhost-user device type behind --vhost.
+    #[arg(long, value_enum, default_value = "scsi", requires = "vhost")]
+    vhost_kind: VhostKind,
+    /// The virtio-scsi LUN (target 0) for --vhost-kind scsi.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "vhost")]
+    vhost_lun: u16,
     #[command(flatten)]
     connect: ConnectArgs,
+}
+
+/// The device type behind `--vhost`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+pub enum VhostKind {
+    /// vhost-user-scsi: READ (16) / WRITE (16) on a LUN.
+    Scsi,
+    /// vhost-user-blk: VIRTIO_BLK_T_IN / T_OUT.
+    Blk,
+}
+
+/// Where `--vhost` sends the load.
+struct VhostTarget {
+    socket: PathBuf,
+    kind: VhostKind,
+    lun: u16,
 }
 
 impl BenchArgs {
@@ -103,7 +138,8 @@ impl BenchArgs {
 
 pub struct BenchConfig {
     connection: Connection,
-    url: IscsiUrl,
+    /// None only with --vhost.
+    url: Option<IscsiUrl>,
     lun: u64,
     workload: Workload,
     io_bytes: u64,
@@ -112,6 +148,7 @@ pub struct BenchConfig {
     range: Option<u64>,
     json: bool,
     hba: Option<PathBuf>,
+    vhost: Option<VhostTarget>,
 }
 
 /// Largest I/O accepted (the initiator negotiates bursts up to 16 MiB).
@@ -136,8 +173,19 @@ impl TryFrom<BenchArgs> for BenchConfig {
             return Err("--size must be more than 0".into());
         }
         let connection = Connection::try_from(a.connect)?;
-        let url = connection.url(&a.url)?;
-        let (_, lun) = url.require_lun().map_err(|e| e.to_string())?;
+        let (url, lun) = match &a.url {
+            Some(text) => {
+                let url = connection.url(text)?;
+                let (_, lun) = url.require_lun().map_err(|e| e.to_string())?;
+                (Some(url), lun)
+            }
+            None => (None, 0),
+        };
+        let vhost = a.vhost.map(|socket| VhostTarget {
+            socket,
+            kind: a.vhost_kind,
+            lun: a.vhost_lun,
+        });
         Ok(BenchConfig {
             connection,
             url,
@@ -149,6 +197,7 @@ impl TryFrom<BenchArgs> for BenchConfig {
             range: a.size,
             json: a.json,
             hba: a.hba,
+            vhost,
         })
     }
 }
@@ -286,8 +335,9 @@ async fn path_io(plan: &Plan, path: &dyn DataPath, lba: u64) -> Result<usize, St
 /// The bench's identity as an initiator client for the offload adapter (CHAP secrets as
 /// values: the adapter reads nothing of this host).
 fn offload_client(config: &BenchConfig) -> Result<datapath::InitiatorClient, String> {
-    let target = config.url.require_target().map_err(|e| e.to_string())?;
-    let o = config.connection.session_options(&config.url, target);
+    let url = config.url.as_ref().ok_or("--hba needs a URL")?;
+    let target = url.require_target().map_err(|e| e.to_string())?;
+    let o = config.connection.session_options(url, target);
     let mut client =
         datapath::InitiatorClient::new_for_vm("bench", vec![o.portal.clone()], target.into());
     client.initiator_name = o.identity.initiator_name.clone();
@@ -337,7 +387,20 @@ struct Report {
 }
 
 pub async fn run(config: BenchConfig) -> Result<(), String> {
-    let session = config.connection.connect(&config.url).await?;
+    if config.vhost.is_some() {
+        let config = Arc::new(config);
+        let c = config.clone();
+        let report = tokio::task::spawn_blocking(move || vhost::measure(&c))
+            .await
+            .map_err(|e| format!("vhost bench thread: {e}"))??;
+        print_report(&config, &report, None);
+        return Ok(());
+    }
+    let url = config
+        .url
+        .as_ref()
+        .ok_or("a URL is needed without --vhost")?;
+    let session = config.connection.connect(url).await?;
     let capacity = session
         .read_capacity(config.lun)
         .await
@@ -465,10 +528,18 @@ fn print_report(config: &BenchConfig, r: &Report, vf: Option<u32>) {
     let cpu_user = CpuTime::percent_of(r.cpu.user, wall);
     let cpu_system = CpuTime::percent_of(r.cpu.system, wall);
     let h = &r.latencies;
+    let url = config.url.as_ref().map(|u| u.to_string());
+    let path = match &config.vhost {
+        Some(v) if v.kind == VhostKind::Scsi => "vhost-scsi",
+        Some(_) => "vhost-blk",
+        None if config.hba.is_some() => "offload",
+        None => "software",
+    };
     if config.json {
         let value = serde_json::json!({
-            "url": config.url.to_string(),
-            "path": if config.hba.is_some() { "offload" } else { "software" },
+            "url": url,
+            "socket": config.vhost.as_ref().map(|v| v.socket.display().to_string()),
+            "path": path,
             "vf": vf,
             "rw": config.workload.name(),
             "bs": config.io_bytes,
@@ -492,17 +563,24 @@ fn print_report(config: &BenchConfig, r: &Report, vf: Option<u32>) {
         println!("{value}");
         return;
     }
-    let via = match (&config.hba, vf) {
-        (Some(socket), Some(vf)) => format!(" via VF {vf} of the adapter at {}", socket.display()),
+    let via = match (&config.hba, vf, &config.vhost) {
+        (Some(socket), Some(vf), _) => {
+            format!(" via VF {vf} of the adapter at {}", socket.display())
+        }
+        (_, _, Some(v)) => format!(" via {path} at {}", v.socket.display()),
         _ => String::new(),
     };
+    let on = match (&url, &config.vhost) {
+        (Some(url), _) => url.clone(),
+        (None, Some(v)) if v.kind == VhostKind::Scsi => format!("LUN {}", v.lun),
+        _ => "the disk".to_string(),
+    };
     println!(
-        "{} {} QD{} for {:.1} s on {}{via}",
+        "{} {} QD{} for {:.1} s on {on}{via}",
         config.workload.name(),
         human_bytes(config.io_bytes),
         config.qd,
         r.seconds,
-        config.url
     );
     println!("  IOPS        {iops:.0} ({} I/Os)", r.ios);
     println!(
@@ -526,6 +604,202 @@ fn print_report(config: &BenchConfig, r: &Report, vf: Option<u32>) {
         "  recoveries  {} ({} commands re-issued)",
         r.recoveries, r.reissued
     );
+}
+
+/// The load through a vhost-user back end, this process playing the VMM.
+mod vhost {
+    use std::time::{Duration, Instant};
+
+    use vhost_driver::wire::blk;
+    use vhost_driver::{DeviceKind, Driver, DriverOptions};
+
+    use super::{BenchConfig, CpuTime, Histogram, Report, Rng, VhostKind};
+    use crate::cli::units::human_bytes;
+
+    /// Guest memory besides the data slots (rings, headers, READ CAPACITY).
+    const SPARE_MEMORY: u64 = 16 << 20;
+
+    /// How to address the device: LBA size and how to build a request.
+    struct Disk {
+        block_size: u32,
+        blocks: u64,
+    }
+
+    fn options(config: &BenchConfig, kind: VhostKind) -> Result<DriverOptions, String> {
+        let qd = config.qd as u64;
+        // Three descriptors per request (header, data, response/status).
+        let queue_size = (qd * 3).next_power_of_two().clamp(128, 32768) as u16;
+        Ok(DriverOptions {
+            kind: match kind {
+                VhostKind::Scsi => DeviceKind::Scsi,
+                VhostKind::Blk => DeviceKind::Blk,
+            },
+            request_queues: 1,
+            queue_size,
+            memory_bytes: qd
+                .checked_mul(config.io_bytes.next_multiple_of(4096))
+                .and_then(|m| m.checked_add(SPARE_MEMORY))
+                .ok_or("--qd x --bs too large")?,
+        })
+    }
+
+    /// READ CAPACITY (16), retried while the LUN reports UNIT ATTENTION.
+    fn scsi_capacity(d: &mut Driver, lun: u16) -> Result<Disk, String> {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x9e;
+        cdb[1] = 0x10;
+        cdb[13] = 32;
+        for _ in 0..8 {
+            let r = d
+                .scsi_command(lun, &cdb, &[], 32)
+                .map_err(|e| format!("READ CAPACITY (16): {e}"))?;
+            if r.response != 0 {
+                return Err(format!(
+                    "READ CAPACITY (16): virtio-scsi response {}",
+                    r.response
+                ));
+            }
+            if r.status == 0 && r.data.len() >= 12 {
+                let last = u64::from_be_bytes(r.data[0..8].try_into().expect("8 bytes"));
+                let block_size = u32::from_be_bytes(r.data[8..12].try_into().expect("4 bytes"));
+                return Ok(Disk {
+                    block_size,
+                    blocks: last + 1,
+                });
+            }
+            let unit_attention = r.status == 2 && sense_key(&r.sense) == Some(6);
+            if !unit_attention {
+                return Err(format!(
+                    "READ CAPACITY (16): status {:#x}, sense {:02x?}",
+                    r.status, r.sense
+                ));
+            }
+        }
+        Err("READ CAPACITY (16): unit attentions do not stop".into())
+    }
+
+    fn sense_key(sense: &[u8]) -> Option<u8> {
+        match sense.first()? & 0x7f {
+            0x70 | 0x71 => sense.get(2).map(|k| k & 0xf),
+            0x72 | 0x73 => sense.get(1).map(|k| k & 0xf),
+            _ => None,
+        }
+    }
+
+    pub(super) fn measure(config: &BenchConfig) -> Result<Report, String> {
+        let target = config.vhost.as_ref().expect("--vhost given");
+        let mut d = Driver::connect(&target.socket, options(config, target.kind)?)
+            .map_err(|e| format!("vhost-user {}: {e}", target.socket.display()))?;
+        let disk = match target.kind {
+            VhostKind::Scsi => scsi_capacity(&mut d, target.lun)?,
+            VhostKind::Blk => {
+                let c = d
+                    .blk_config()
+                    .map_err(|e| format!("virtio-blk config: {e}"))?;
+                Disk {
+                    block_size: 512,
+                    blocks: c.capacity_sectors,
+                }
+            }
+        };
+        let bs = u64::from(disk.block_size);
+        if bs == 0 || config.io_bytes % bs != 0 {
+            return Err(format!(
+                "--bs must be a multiple of the device's block size ({bs} bytes)"
+            ));
+        }
+        let len = u32::try_from(config.io_bytes).map_err(|_| "--bs too large")?;
+        let range = config
+            .range
+            .unwrap_or(u64::MAX)
+            .min(disk.blocks.saturating_mul(bs));
+        let slots = range / config.io_bytes;
+        if slots == 0 {
+            return Err(format!(
+                "the range ({}) is smaller than one I/O ({})",
+                human_bytes(range),
+                human_bytes(config.io_bytes)
+            ));
+        }
+        let blocks_per_io = config.io_bytes / bs;
+        let writes = config.workload.writes();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut next_sequential = 0u64;
+        let mut next_slot = || {
+            let slot = if config.workload.random() {
+                rng.next() % slots
+            } else {
+                let s = next_sequential % slots;
+                next_sequential += 1;
+                s
+            };
+            slot * blocks_per_io
+        };
+        let submit = |d: &mut Driver, id: u64, lba: u64| match target.kind {
+            VhostKind::Scsi => {
+                let mut cdb = [0u8; 16];
+                cdb[0] = if writes { 0x8a } else { 0x88 };
+                cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+                cdb[10..14].copy_from_slice(&(blocks_per_io as u32).to_be_bytes());
+                let (out, inn) = if writes { (len, 0) } else { (0, len) };
+                d.submit_scsi(0, id, target.lun, &cdb, out, inn)
+            }
+            VhostKind::Blk => {
+                let t = if writes { blk::T_OUT } else { blk::T_IN };
+                d.submit_blk(0, id, t, lba, len)
+            }
+        };
+
+        let cpu_before = CpuTime::now();
+        let started = Instant::now();
+        let deadline = started + config.duration;
+        let mut issued_at = vec![started; config.qd];
+        let mut latencies = Histogram::default();
+        let mut in_flight = 0usize;
+        for (id, at) in issued_at.iter_mut().enumerate() {
+            *at = Instant::now();
+            submit(&mut d, id as u64, next_slot()).map_err(|e| format!("submit: {e}"))?;
+            in_flight += 1;
+        }
+        let mut stopping = false;
+        while in_flight > 0 {
+            let done = d
+                .reap(Duration::from_secs(10))
+                .map_err(|e| format!("reap: {e}"))?;
+            if done.is_empty() {
+                return Err(format!("{in_flight} requests did not complete within 10 s"));
+            }
+            let now = Instant::now();
+            stopping |= now >= deadline;
+            for c in done {
+                in_flight -= 1;
+                let id = c.id as usize;
+                if c.status != 0 || c.response != 0 {
+                    return Err(format!(
+                        "I/O failed: status {:#x}, response {}",
+                        c.status, c.response
+                    ));
+                }
+                latencies.record(now.duration_since(issued_at[id]).as_nanos() as u64);
+                if !stopping {
+                    issued_at[id] = Instant::now();
+                    submit(&mut d, c.id, next_slot()).map_err(|e| format!("submit: {e}"))?;
+                    in_flight += 1;
+                }
+            }
+        }
+        let wall = started.elapsed();
+        let cpu = CpuTime::now().since(cpu_before);
+        d.disconnect();
+        Ok(Report {
+            ios: latencies.count(),
+            seconds: wall.as_secs_f64(),
+            latencies,
+            cpu,
+            recoveries: 0,
+            reissued: 0,
+        })
+    }
 }
 
 #[cfg(test)]
