@@ -163,6 +163,8 @@ struct Slot {
 struct Queue {
     ring: Ring,
     kick: EventFd,
+    /// Chains published but not kicked yet (batching).
+    kick_pending: bool,
     call: EventFd,
     hdr_base: u64,
     slots: Vec<Slot>,
@@ -203,6 +205,8 @@ pub struct Driver {
     acked: u64,
     protocol: VhostUserProtocolFeatures,
     ready: Vec<Completion>,
+    /// Kicks deferred to [`Driver::kick`].
+    batching: bool,
     log: Option<DirtyLog>,
 }
 
@@ -333,6 +337,7 @@ impl Driver {
             queues.push(Queue {
                 ring: Ring::new(layout),
                 kick,
+                kick_pending: false,
                 call,
                 hdr_base,
                 slots: (0..n)
@@ -372,6 +377,7 @@ impl Driver {
             acked,
             protocol,
             ready: Vec::new(),
+            batching: false,
             log: None,
         })
     }
@@ -480,7 +486,28 @@ impl Driver {
         s.ndesc = bufs.len() as u8;
         q.head_slot[usize::from(head)] = slot;
         if q.ring.publish(&self.mem, head) {
-            q.kick.write(1)?;
+            if self.batching {
+                q.kick_pending = true;
+            } else {
+                q.kick.write(1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With batching on, submissions only publish their chains; [`Driver::kick`] then
+    /// notifies the back end once for all of them, as a guest's block layer does at the end
+    /// of a batch.
+    pub fn set_batching(&mut self, on: bool) {
+        self.batching = on;
+    }
+
+    /// Notifies the back end of every queue with chains published since the last kick.
+    pub fn kick(&mut self) -> Result<(), DriverError> {
+        for q in &mut self.queues {
+            if std::mem::take(&mut q.kick_pending) {
+                q.kick.write(1)?;
+            }
         }
         Ok(())
     }

@@ -8,13 +8,14 @@
 //! QEMU migrates the VM. `GET_VRING_BASE` waits until every request taken from that queue has
 //! completed, so the ring QEMU hands over has nothing in flight.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use datapath::{Command, PathError, TaskAttr, TmfFunction};
+use futures_util::future::FutureExt as _;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use scsi::SenseKey;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -22,6 +23,8 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryBackend as _;
+use vm_memory::GuestMemoryRegion as _;
 use vm_memory::{
     Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
     GuestMemoryMmap,
@@ -42,6 +45,10 @@ pub const MAX_TRANSFER: usize = 32 << 20;
 /// How long GET_VRING_BASE waits for in-flight requests before giving up with an error.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Requests taken off a ring together: (head, buffers).
+type Batch = Vec<(u16, Buffers)>;
+type BatchSender = tokio::sync::mpsc::UnboundedSender<Batch>;
+
 /// Per-queue bookkeeping.
 #[derive(Default)]
 struct QueueState {
@@ -51,10 +58,19 @@ struct QueueState {
     drained: Condvar,
 }
 
-/// Requests in flight by (LUN, tag), for the task management the guest sends.
+/// Requests in flight as (LUN, tag), for the task management the guest sends. A short list
+/// (at most the queue depth): cheaper than maps for the adds and removes of every command.
 #[derive(Default)]
 struct Tags {
-    by_lun: HashMap<u16, HashMap<u64, usize>>,
+    in_flight: Vec<(u16, u64)>,
+}
+
+impl Tags {
+    fn busy(&self, lun: u16, tag: Option<u64>) -> bool {
+        self.in_flight
+            .iter()
+            .any(|&(l, t)| l == lun && tag.is_none_or(|tag| tag == t))
+    }
 }
 
 /// One connection's device.
@@ -69,6 +85,10 @@ pub(crate) struct Device {
     tags_changed: Condvar,
     /// The event queue's vring, once known, and whether an event was lost for lack of a buffer.
     events: Mutex<EventQueue>,
+    /// Per queue: where its requests go (the queue's task, started on the first request).
+    workers: Mutex<Vec<Option<BatchSender>>>,
+    /// Task-management waiters for `tags_changed` (completions notify only when there are).
+    tag_waiters: std::sync::atomic::AtomicUsize,
     exit: Vec<(EventConsumer, EventNotifier)>,
 }
 
@@ -99,6 +119,8 @@ impl Device {
             tags: Mutex::new(Tags::default()),
             tags_changed: Condvar::new(),
             events: Mutex::new(EventQueue::default()),
+            workers: Mutex::new((0..num_queues).map(|_| None).collect()),
+            tag_waiters: Default::default(),
             exit,
         })
     }
@@ -107,9 +129,11 @@ impl Device {
         self.bus.config.kind
     }
 
-    /// Takes every available request off queue `index` and starts it.
+    /// Takes every available request off queue `index` and hands them, as one batch, to the
+    /// queue's task on the runtime (one wake-up per kick, not per request).
     fn process_queue(self: &Arc<Self>, index: usize, vring: &VringRwLock<Memory>) {
         let _taking = lock(&self.queues[index].taking);
+        let mut batch = Vec::new();
         loop {
             if self.event_idx.load(Ordering::Relaxed) {
                 let _ = vring.disable_notification();
@@ -125,7 +149,15 @@ impl Device {
                 }
             };
             for chain in chains {
-                self.start(index, vring.clone(), chain);
+                let head = chain.head_index();
+                match Buffers::from_chain(chain) {
+                    Ok(buffers) => batch.push((head, buffers)),
+                    Err(why) => {
+                        tracing::warn!(vm = %self.bus.config.name, queue = index, head, "malformed request: {why}");
+                        self.finish(index, vring, head, 0);
+                        self.signal(vring);
+                    }
+                }
             }
             if !self.event_idx.load(Ordering::Relaxed) {
                 break;
@@ -135,51 +167,94 @@ impl Device {
                 _ => break,
             }
         }
+        if batch.is_empty() {
+            return;
+        }
+        *lock(&self.queues[index].in_flight) += batch.len();
+        let mut workers = lock(&self.workers);
+        let worker = workers[index].get_or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let device = Arc::clone(self);
+            let vring = vring.clone();
+            self.bus
+                .runtime
+                .spawn(async move { device.queue_task(index, vring, rx).await });
+            tx
+        });
+        if worker.send(batch).is_err() {
+            tracing::error!(vm = %self.bus.config.name, queue = index, "queue task gone");
+        }
     }
 
-    fn start(self: &Arc<Self>, queue: usize, vring: VringRwLock<Memory>, chain: Chain) {
-        let head = chain.head_index();
-        let parsed = match Buffers::from_chain(chain) {
-            Ok(b) => b,
-            Err(why) => {
-                tracing::warn!(vm = %self.bus.config.name, queue, head, "malformed request: {why}");
-                self.finish(queue, &vring, head, 0);
-                return;
-            }
-        };
-        *lock(&self.queues[queue].in_flight) += 1;
-        let device = Arc::clone(self);
-        let run = async move {
-            let used = match device.kind() {
-                FrontendKind::Scsi if queue == usize::from(vscsi::CONTROL_QUEUE) => {
-                    device.control(&parsed).await
+    /// Runs one queue's requests concurrently and returns them to the guest, with one
+    /// interrupt for all that complete together.
+    async fn queue_task(
+        self: Arc<Self>,
+        queue: usize,
+        vring: VringRwLock<Memory>,
+        mut batches: tokio::sync::mpsc::UnboundedReceiver<Batch>,
+    ) {
+        let mut running = FuturesUnordered::new();
+        let mut open = true;
+        while open || !running.is_empty() {
+            tokio::select! {
+                batch = batches.recv(), if open => match batch {
+                    Some(batch) => {
+                        for (head, buffers) in batch {
+                            running.push(Box::pin(Arc::clone(&self).handle(queue, head, buffers)));
+                        }
+                    }
+                    None => open = false,
+                },
+                Some((head, used)) = running.next(), if !running.is_empty() => {
+                    self.finish(queue, &vring, head, used);
+                    let mut done = 1;
+                    while let Some(Some((head, used))) = running.next().now_or_never() {
+                        self.finish(queue, &vring, head, used);
+                        done += 1;
+                    }
+                    self.signal(&vring);
+                    let state = &self.queues[queue];
+                    let mut n = lock(&state.in_flight);
+                    *n -= done;
+                    if *n == 0 {
+                        state.drained.notify_all();
+                    }
                 }
-                FrontendKind::Scsi => device.scsi_command(&parsed).await,
-                FrontendKind::Blk => device.blk_request(&parsed).await,
-            };
-            device.complete(queue, &vring, head, used);
-        };
-        self.bus.runtime.spawn(run);
+            }
+        }
     }
 
-    /// Returns a used buffer to the guest and interrupts it if it wants that.
+    /// One request; returns its head and the bytes written for the guest.
+    async fn handle(self: Arc<Self>, queue: usize, head: u16, buffers: Buffers) -> (u16, u32) {
+        let used = match self.kind() {
+            FrontendKind::Scsi if queue == usize::from(vscsi::CONTROL_QUEUE) => {
+                self.control(&buffers).await
+            }
+            FrontendKind::Scsi => self.scsi_command(&buffers).await,
+            FrontendKind::Blk => self.blk_request(&buffers).await,
+        };
+        (head, used)
+    }
+
+    /// Ends the queue tasks once their requests are done (the VMM is gone).
+    pub(crate) fn close(&self) {
+        for worker in lock(&self.workers).iter_mut() {
+            worker.take();
+        }
+    }
+
+    /// Returns a used buffer to the guest (without interrupting it).
     fn finish(&self, queue: usize, vring: &VringRwLock<Memory>, head: u16, used: u32) {
         if let Err(e) = vring.add_used(head, used) {
             tracing::warn!(vm = %self.bus.config.name, queue, head, "cannot return a used buffer: {e}");
-            return;
-        }
-        if vring.needs_notification().unwrap_or(true) {
-            let _ = vring.signal_used_queue();
         }
     }
 
-    fn complete(&self, queue: usize, vring: &VringRwLock<Memory>, head: u16, used: u32) {
-        self.finish(queue, vring, head, used);
-        let state = &self.queues[queue];
-        let mut n = lock(&state.in_flight);
-        *n -= 1;
-        if *n == 0 {
-            state.drained.notify_all();
+    /// Interrupts the guest if it wants that.
+    fn signal(&self, vring: &VringRwLock<Memory>) {
+        if vring.needs_notification().unwrap_or(true) {
+            let _ = vring.signal_used_queue();
         }
     }
 
@@ -313,12 +388,7 @@ impl Device {
 
     /// Remembers a command by (LUN, tag) until the returned guard drops.
     fn track(&self, lun: u16, tag: u64) -> TagGuard<'_> {
-        *lock(&self.tags)
-            .by_lun
-            .entry(lun)
-            .or_default()
-            .entry(tag)
-            .or_insert(0) += 1;
+        lock(&self.tags).in_flight.push((lun, tag));
         TagGuard {
             device: self,
             lun,
@@ -327,12 +397,7 @@ impl Device {
     }
 
     fn tag_in_flight(&self, lun: u16, tag: Option<u64>) -> bool {
-        let tags = lock(&self.tags);
-        match (tags.by_lun.get(&lun), tag) {
-            (None, _) => false,
-            (Some(t), None) => !t.is_empty(),
-            (Some(t), Some(tag)) => t.contains_key(&tag),
-        }
+        lock(&self.tags).busy(lun, tag)
     }
 
     /// Waits (on a blocking thread) until the LUN's command `tag`, or all its commands, are done.
@@ -340,13 +405,11 @@ impl Device {
         let device = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + DRAIN_TIMEOUT;
+            device.tag_waiters.fetch_add(1, Ordering::SeqCst);
+            let _waiting = WaiterGuard(&device.tag_waiters);
             let mut tags = lock(&device.tags);
             loop {
-                let busy = match (tags.by_lun.get(&lun), tag) {
-                    (None, _) => false,
-                    (Some(t), None) => !t.is_empty(),
-                    (Some(t), Some(tag)) => t.contains_key(&tag),
-                };
+                let busy = tags.busy(lun, tag);
                 let left = deadline.saturating_duration_since(Instant::now());
                 if !busy {
                     return true;
@@ -409,6 +472,7 @@ impl Device {
             Err(_) => 0,
         };
         self.finish(usize::from(vscsi::EVENT_QUEUE), &vring, head, used);
+        self.signal(&vring);
     }
 
     async fn control(self: &Arc<Self>, req: &Buffers) -> u32 {
@@ -578,19 +642,27 @@ struct TagGuard<'a> {
 impl Drop for TagGuard<'_> {
     fn drop(&mut self) {
         let mut tags = lock(&self.device.tags);
-        if let Some(by_tag) = tags.by_lun.get_mut(&self.lun) {
-            if let Some(n) = by_tag.get_mut(&self.tag) {
-                *n -= 1;
-                if *n == 0 {
-                    by_tag.remove(&self.tag);
-                }
-            }
-            if by_tag.is_empty() {
-                tags.by_lun.remove(&self.lun);
-            }
+        if let Some(at) = tags
+            .in_flight
+            .iter()
+            .position(|&(l, t)| l == self.lun && t == self.tag)
+        {
+            tags.in_flight.swap_remove(at);
         }
         drop(tags);
-        self.device.tags_changed.notify_all();
+        // A futex wake costs a system call: only when task management waits.
+        if self.device.tag_waiters.load(Ordering::SeqCst) > 0 {
+            self.device.tags_changed.notify_all();
+        }
+    }
+}
+
+/// Counts a waiter for as long as it waits.
+struct WaiterGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -631,7 +703,7 @@ impl Buffers {
         let mut at = 0;
         for (addr, len) in readable_regions {
             let len = len as usize;
-            mem.read_slice(&mut readable[at..at + len], addr)
+            read_guest(mem, addr, &mut readable[at..at + len])
                 .map_err(|e| format!("unreadable descriptor at {:#x}: {e}", addr.0))?;
             at += len;
         }
@@ -664,7 +736,7 @@ impl Buffers {
             let Some(at) = addr.0.checked_add(skip as u64).map(GuestAddress) else {
                 return done;
             };
-            if mem.write_slice(&bytes[done..done + n], at).is_err() {
+            if write_guest(mem, at, &bytes[done..done + n]).is_err() {
                 return done;
             }
             done += n;
@@ -675,6 +747,37 @@ impl Buffers {
         }
         done
     }
+}
+
+/// Copies guest memory at `addr` into `buf`: one slice copy when the range lies in one
+/// region (the common case; vm-memory's general path costs more than a small copy).
+fn read_guest(
+    mem: &GuestMemoryMmap<BitmapMmapRegion>,
+    addr: GuestAddress,
+    buf: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    if let Some((region, at)) = mem.to_region_addr(addr) {
+        if let Ok(slice) = region.get_slice(at, buf.len()) {
+            slice.copy_to(buf);
+            return Ok(());
+        }
+    }
+    mem.read_slice(buf, addr)
+}
+
+/// Copies `bytes` into guest memory at `addr`, marking the pages dirty for migration.
+fn write_guest(
+    mem: &GuestMemoryMmap<BitmapMmapRegion>,
+    addr: GuestAddress,
+    bytes: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    if let Some((region, at)) = mem.to_region_addr(addr) {
+        if let Ok(slice) = region.get_slice(at, bytes.len()) {
+            slice.copy_from(bytes);
+            return Ok(());
+        }
+    }
+    mem.write_slice(bytes, addr)
 }
 
 /// The rust-vmm back-end trait, for a shared device.

@@ -246,14 +246,15 @@ fn accept_loop(
     while !stopping.load(Ordering::Acquire) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let device = match device::Device::new(Arc::clone(&bus), mem.clone()) {
-            Ok(d) => device::SharedDevice(Arc::new(d)),
+            Ok(d) => Arc::new(d),
             Err(e) => {
                 tracing::error!(vm = %name, "cannot create the device: {e}");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
         };
-        let mut daemon = match VhostUserDaemon::new(format!("vhost-{name}"), device, mem) {
+        let backend = device::SharedDevice(Arc::clone(&device));
+        let mut daemon = match VhostUserDaemon::new(format!("vhost-{name}"), backend, mem) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(vm = %name, "cannot create the vhost-user daemon: {e}");
@@ -281,6 +282,7 @@ fn accept_loop(
             )) => tracing::info!(vm = %name, "VMM disconnected"),
             Err(e) => tracing::warn!(vm = %name, "VMM connection ended: {e}"),
         }
+        device.close();
         *connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }

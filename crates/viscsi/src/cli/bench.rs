@@ -756,11 +756,14 @@ mod vhost {
         let mut issued_at = vec![started; config.qd];
         let mut latencies = Histogram::default();
         let mut in_flight = 0usize;
+        // Like a guest's block layer: a batch of submissions, then one kick.
+        d.set_batching(true);
         for (id, at) in issued_at.iter_mut().enumerate() {
             *at = Instant::now();
             submit(&mut d, id as u64, next_slot()).map_err(|e| format!("submit: {e}"))?;
             in_flight += 1;
         }
+        d.kick().map_err(|e| format!("kick: {e}"))?;
         let mut stopping = false;
         while in_flight > 0 {
             let done = d
@@ -787,6 +790,7 @@ mod vhost {
                     in_flight += 1;
                 }
             }
+            d.kick().map_err(|e| format!("kick: {e}"))?;
         }
         let wall = started.elapsed();
         let cpu = CpuTime::now().since(cpu_before);
