@@ -434,7 +434,7 @@ impl Agent {
             .map(|vm| {
                 let cur = vm.current();
                 let (kind, adapter) = match &cur {
-                    Some(c) => (c.kind.to_string(), c.adapter.clone()),
+                    Some(c) => (c.kind.to_string(), c.adapter.to_string()),
                     None => ("none".to_owned(), String::new()),
                 };
                 let recoveries = cur.map(|c| c.path.stats().recoveries).unwrap_or(0);

@@ -14,7 +14,8 @@ use crate::model::{Frontend, FrontendKind, FrontendView, VmEvent, VmRecord, VmSt
 #[derive(Clone)]
 pub(crate) struct Current {
     pub path: Arc<dyn DataPath>,
-    pub adapter: String,
+    /// Shared, so that taking the current path for every command allocates nothing.
+    pub adapter: Arc<str>,
     pub kind: AdapterKind,
     /// Which switch produced this path; a failure report for an older one is stale.
     pub generation: u64,
@@ -131,7 +132,7 @@ impl Vm {
 
     /// The adapter the VM's path runs on, if any.
     pub fn adapter(&self) -> Option<String> {
-        self.current().map(|c| c.adapter)
+        self.current().map(|c| c.adapter.to_string())
     }
 
     pub fn state(&self) -> VmState {
@@ -191,7 +192,7 @@ impl Vm {
         let info = path.info();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Current {
             path,
-            adapter,
+            adapter: adapter.into(),
             kind,
             generation,
         });
