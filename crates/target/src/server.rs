@@ -61,7 +61,7 @@ impl Target {
     pub fn build(config: TargetConfig) -> Result<Self, TargetError> {
         config.validate().map_err(TargetError::Config)?;
         let mut luns = HashMap::new();
-        for (t_index, t) in config.targets.iter().enumerate() {
+        for t in &config.targets {
             let mut map = LunMap::new();
             for l in &t.luns {
                 let backend = open_backend(l).map_err(|source| TargetError::Backend {
@@ -69,12 +69,15 @@ impl Target {
                     lun: l.id,
                     source,
                 })?;
+                let naa = naa_id(&t.iqn, l.id);
                 let lu_config = LuConfig {
+                    // Unique per target name and LUN (guests and multipath tell disks apart by
+                    // it), like the NAA identifier it is derived from.
                     serial: l
                         .serial
                         .clone()
-                        .unwrap_or_else(|| format!("viscsi{:03}{:05}", t_index, l.id)),
-                    naa_id: naa_id(&t.iqn, l.id),
+                        .unwrap_or_else(|| format!("viscsi{:014x}", naa >> 8)),
+                    naa_id: naa,
                     block_size: l.block_size.unwrap_or(512),
                     thin_provisioning: backend.as_discard().is_some(),
                     ..LuConfig::default()
