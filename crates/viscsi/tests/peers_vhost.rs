@@ -569,6 +569,38 @@ fn bad_guest_input_fails_only_that_request() {
         "blk request without status"
     );
 
+    // Bad bus requests from the operator: one-line errors, nothing created.
+    let portal = b.target.portal();
+    let taken = socket.display().to_string();
+    for (args, expect) in [
+        (
+            vec!["--frontend", "scsi", "--vhost-socket", taken.as_str()],
+            "already used by VM vm-bad",
+        ),
+        (
+            vec!["--frontend", "scsi", "--queues", "0"],
+            "queues must be 1 to 16",
+        ),
+        (vec!["--frontend", "floppy"], "invalid value 'floppy'"),
+        (vec!["--vhost-socket", "/tmp/x.sock"], "--frontend"),
+    ] {
+        let mut full = vec![
+            "vm",
+            "create",
+            "vm-refused",
+            "--portal",
+            &portal,
+            "--target",
+            b.target.iqn(),
+        ];
+        full.extend(args.iter().copied());
+        let out = b.host.cli(&full);
+        assert!(!out.success(), "{args:?} accepted: {out}");
+        assert!(out.stderr.contains(expect), "{args:?}: {out}");
+    }
+    let list = b.host.cli(&["vm", "list"]);
+    assert!(!list.stdout.contains("vm-refused"), "{list}");
+
     // The buses still work, and the agent is up.
     let data = pattern(8192, 99);
     good(&mut d, lun, &write10(64, 16), &data, 0);
