@@ -795,3 +795,68 @@ fn agent_restart_brings_the_socket_back() {
     assert!(out.success(), "{out}");
     assert!(!socket.exists(), "socket left behind after delete");
 }
+
+/// PERSISTENT RESERVE OUT with `action`, reservation key `key`, service action key `sa_key`,
+/// type `ty` (1 = Write Exclusive).
+fn pr_out(d: &mut Driver, lun: u16, action: u8, ty: u8, key: u64, sa_key: u64) -> ScsiReply {
+    let mut params = [0u8; 24];
+    params[..8].copy_from_slice(&key.to_be_bytes());
+    params[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    scsi(
+        d,
+        lun,
+        &[0x5f, action, ty, 0, 0, 0, 0, 0, 24, 0],
+        &params,
+        0,
+    )
+}
+
+#[test]
+fn a_parameter_change_reaches_the_event_queue() {
+    let b = start(&viscsi());
+    let lun = b.target.lun_id(0) as u16;
+    let (sa, sb) = (b.sockets.join("pa.sock"), b.sockets.join("pb.sock"));
+    create_vm(&b.host, &b.target, "vm-pa", "offload", "scsi", &sa, &[]);
+    create_vm(&b.host, &b.target, "vm-pb", "software", "scsi", &sb, &[]);
+    let mut a = connect(&sa, DeviceKind::Scsi);
+    let mut p = connect(&sb, DeviceKind::Scsi);
+    p.post_event_buffers(4).expect("event buffers");
+    good(&mut p, lun, &[0, 0, 0, 0, 0, 0], &[], 0);
+    // Register both, reserve with A, and let A preempt B: B's nexus gets a UNIT ATTENTION,
+    // REGISTRATIONS PREEMPTED (2A/05), on its next command.
+    for (d, key) in [(&mut a, 0xaa), (&mut p, 0xbb)] {
+        let r = pr_out(d, lun, 0, 0, 0, key);
+        assert_eq!(r.status, 0, "REGISTER: {r:?}");
+    }
+    assert_eq!(pr_out(&mut a, lun, 1, 1, 0xaa, 0).status, 0, "RESERVE");
+    assert!(
+        p.poll_events(Duration::from_millis(100))
+            .unwrap()
+            .is_empty(),
+        "no event before a change"
+    );
+    assert_eq!(pr_out(&mut a, lun, 4, 1, 0xaa, 0xbb).status, 0, "PREEMPT");
+    let r = p
+        .scsi_command(lun, &[0, 0, 0, 0, 0, 0], &[], 0)
+        .expect("TUR");
+    assert_eq!(
+        (r.status, r.sense[2] & 0x0f, r.sense[12], r.sense[13]),
+        (2, 6, 0x2a, 0x05),
+        "the preempted nexus sees the UNIT ATTENTION"
+    );
+    let events = p.poll_events(Duration::from_secs(5)).expect("events");
+    let event = events.first().expect("a VIRTIO_SCSI_T_PARAM_CHANGE event");
+    assert_eq!(
+        u32::from_le_bytes(event[0..4].try_into().unwrap()),
+        3,
+        "{event:02x?}"
+    );
+    assert_eq!(&event[4..8], &[1, 0, 0x40 | (lun >> 8) as u8, lun as u8]);
+    assert_eq!(
+        u32::from_le_bytes(event[12..16].try_into().unwrap()),
+        0x052a,
+        "reason: ASC 0x2a, ASCQ 0x05"
+    );
+    // Clean up the reservation for other users of the LUN.
+    assert_eq!(pr_out(&mut a, lun, 3, 0, 0xaa, 0).status, 0, "CLEAR");
+}
