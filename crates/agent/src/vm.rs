@@ -37,7 +37,7 @@ pub struct Vm {
     /// Deleted, or the agent stopped: no more paths, events or retries.
     stopped: std::sync::atomic::AtomicBool,
     /// The LUNs the VM may use (from its client record, which does not change).
-    luns: Vec<u64>,
+    luns: Arc<[u64]>,
     /// The virtual bus being served, or why it is not.
     bus: Mutex<BusState>,
 }
@@ -77,11 +77,11 @@ impl vhost_frontend::Storage for BusStorage {
         })
     }
 
-    fn luns(&self) -> Vec<u64> {
+    fn luns(&self) -> Arc<[u64]> {
         self.0
             .upgrade()
-            .map(|vm| vm.luns.clone())
-            .unwrap_or_default()
+            .map(|vm| Arc::clone(&vm.luns))
+            .unwrap_or_else(|| Arc::new([]))
     }
 }
 
@@ -97,7 +97,7 @@ impl Vm {
     pub(crate) fn new(shared: &Arc<Shared>, record: VmRecord) -> Arc<Vm> {
         Arc::new(Vm {
             name: record.name.clone(),
-            luns: record.client.luns.clone(),
+            luns: record.client.luns.as_slice().into(),
             bus: Mutex::new(BusState::default()),
             shared: Arc::downgrade(shared),
             record: Mutex::new(record),

@@ -132,6 +132,7 @@ impl Adapter for SoftwareAdapter {
             let (session, portal) = connect_client(client).await?;
             self.in_use.fetch_add(1, Ordering::Relaxed);
             let path: Arc<dyn DataPath> = Arc::new(SoftwarePath {
+                portal: portal.as_str().into(),
                 info: path_info(client, &session, portal),
                 session,
                 gate: Gate::new(),
@@ -163,6 +164,8 @@ fn path_info(client: &InitiatorClient, session: &Session, portal: String) -> Pat
 /// One VM's session on the software initiator.
 pub struct SoftwarePath {
     info: PathInfo,
+    /// `info.portal`, shared with every command's future (for its error message).
+    portal: Arc<str>,
     session: Session,
     gate: Gate,
     errors: Arc<AtomicU64>,
@@ -189,7 +192,7 @@ impl DataPath for SoftwarePath {
         let gate = self.gate.clone();
         let errors = self.errors.clone();
         let failed = self.failed.clone();
-        let portal = self.info.portal.clone();
+        let portal = Arc::clone(&self.portal);
         Box::pin(async move {
             let _ticket = gate.enter().await;
             match session.execute(command).await {

@@ -341,7 +341,7 @@ impl Device {
         }
         let command = Command {
             lun: scsi::lun::encode(u64::from(lun)),
-            cdb: Bytes::from(header.cdb.clone()),
+            cdb: header.cdb.clone(),
             data_out,
             read_len: data_in_room as u32,
             attr: match header.task_attr {
@@ -679,7 +679,6 @@ impl Buffers {
     /// the readable part is limited to the largest transfer plus headers.
     fn from_chain(chain: Chain) -> Result<Buffers, String> {
         let mem = chain.memory();
-        let mut readable_regions = Vec::new();
         let mut writable = Vec::new();
         let mut readable_len = 0usize;
         for desc in chain.clone() {
@@ -693,23 +692,33 @@ impl Buffers {
                 if readable_len > MAX_TRANSFER + 4096 {
                     return Err(format!("more than {MAX_TRANSFER} bytes to read"));
                 }
-                readable_regions.push((desc.addr(), desc.len()));
             }
         }
-        if readable_regions.is_empty() && writable.is_empty() {
+        if readable_len == 0 && writable.is_empty() {
             return Err("an empty or invalid descriptor chain".into());
-        }
-        let mut readable = vec![0u8; readable_len];
-        let mut at = 0;
-        for (addr, len) in readable_regions {
-            let len = len as usize;
-            read_guest(mem, addr, &mut readable[at..at + len])
-                .map_err(|e| format!("unreadable descriptor at {:#x}: {e}", addr.0))?;
-            at += len;
         }
         let total_writable: u64 = writable.iter().map(|&(_, l)| u64::from(l)).sum();
         if total_writable > (MAX_TRANSFER as u64) * 2 {
             return Err(format!("more than {MAX_TRANSFER} bytes to write"));
+        }
+        // A second walk copies the readable descriptors (they come first) without a list of them.
+        let mut readable = vec![0u8; readable_len];
+        let mut at = 0;
+        for desc in chain.clone() {
+            if at == readable_len {
+                break;
+            }
+            if desc.is_write_only() {
+                continue;
+            }
+            let (addr, len) = (desc.addr(), desc.len() as usize);
+            // The guest may rewrite its descriptors meanwhile: never past the buffer.
+            let Some(into) = readable.get_mut(at..at + len) else {
+                return Err("descriptors changed while being read".into());
+            };
+            read_guest(mem, addr, into)
+                .map_err(|e| format!("unreadable descriptor at {:#x}: {e}", addr.0))?;
+            at += len;
         }
         Ok(Buffers {
             readable: Bytes::from(readable),

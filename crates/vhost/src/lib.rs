@@ -45,8 +45,9 @@ pub trait Storage: Send + Sync + 'static {
         function: TmfFunction,
         lun: u64,
     ) -> BoxFuture<'static, Result<(), PathError>>;
-    /// LUN numbers the VM may use (empty: every LUN the target has).
-    fn luns(&self) -> Vec<u64>;
+    /// LUN numbers the VM may use (empty: every LUN the target has). Asked for every command:
+    /// a shared list, not a copy.
+    fn luns(&self) -> std::sync::Arc<[u64]>;
 }
 
 /// The device the VMM sees.

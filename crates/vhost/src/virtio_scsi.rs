@@ -99,12 +99,12 @@ pub struct RequestHeader {
     pub lun: [u8; 8],
     pub tag: u64,
     pub task_attr: u8,
-    /// The CDB with trailing bytes beyond its length dropped.
-    pub cdb: Vec<u8>,
+    /// The CDB with trailing bytes beyond its length dropped (a slice of the request).
+    pub cdb: bytes::Bytes,
 }
 
 /// Parses a command request header (`REQUEST_HEADER_LEN` bytes); `None` if short.
-pub fn parse_request(bytes: &[u8]) -> Option<RequestHeader> {
+pub fn parse_request(bytes: &bytes::Bytes) -> Option<RequestHeader> {
     if bytes.len() < REQUEST_HEADER_LEN {
         return None;
     }
@@ -113,7 +113,7 @@ pub fn parse_request(bytes: &[u8]) -> Option<RequestHeader> {
     let tag = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
     let task_attr = bytes[16];
     let cdb_field = &bytes[19..19 + CDB_SIZE];
-    let cdb = cdb_field[..cdb_length(cdb_field)].to_vec();
+    let cdb = bytes.slice(19..19 + cdb_length(cdb_field));
     Some(RequestHeader {
         lun,
         tag,
@@ -290,12 +290,13 @@ mod tests {
         req[16] = 1;
         req[19] = 0x28;
         req[27] = 8;
+        let req = bytes::Bytes::from(req);
         let h = parse_request(&req).unwrap();
         assert_eq!(h.tag, 0x1122);
         assert_eq!(h.task_attr, 1);
         assert_eq!(h.cdb.len(), 10);
         assert_eq!(h.cdb[0], 0x28);
-        assert!(parse_request(&req[..REQUEST_HEADER_LEN - 1]).is_none());
+        assert!(parse_request(&req.slice(..REQUEST_HEADER_LEN - 1)).is_none());
     }
 
     #[test]
