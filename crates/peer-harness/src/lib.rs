@@ -98,6 +98,46 @@ pub fn md5_of_file_range(path: &Path, offset: u64, len: u64) -> String {
     hex(&hasher.finalize())
 }
 
+/// `len` pseudo-random (xorshift, seeded) bytes: test data that differs per seed.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// MD5 of `mib` MiB at `offset_mib` MiB of the LUN at `url` (`iscsi://…`), read by libiscsi
+/// through `qemu-img dd` into the file `scratch`.
+pub fn qemu_img_md5(url: &str, offset_mib: u64, mib: u64, scratch: &Path) -> String {
+    const MIB: u64 = 1 << 20;
+    let dd = run_tool(
+        "qemu-img",
+        &[
+            "dd",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "bs=1M",
+            &format!("skip={offset_mib}"),
+            // qemu-img dd counts the skipped blocks in `count`.
+            &format!("count={}", offset_mib + mib),
+            &format!("if={url}"),
+            &format!("of={}", scratch.display()),
+        ],
+        Duration::from_secs(60),
+    );
+    dd.assert_success();
+    let len = std::fs::metadata(scratch).expect("dd output").len();
+    assert_eq!(len, mib * MIB, "qemu-img dd output size");
+    md5_of_file_range(scratch, 0, mib * MIB)
+}
+
 /// Lower-case hex of a byte slice.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -1135,82 +1135,45 @@ fn vring_config(host_base: u64, l: Layout, log: Option<u64>) -> VringConfigData 
     }
 }
 
-/// The virtio-scsi chain: request header, data-out, response, data-in.
-fn scsi_chain(hdr: u64, data: u64, out: u32, inn: u32) -> ([Buf; 4], usize) {
+/// Up to four descriptors in chain order, without the empty ones.
+fn chain_of(parts: [(u64, u32, bool); 4]) -> ([Buf; 4], usize) {
     let mut b = [Buf {
         addr: 0,
         len: 0,
         writable: false,
     }; 4];
     let mut n = 0;
-    b[n] = Buf {
-        addr: hdr,
-        len: wire::SCSI_REQ_LEN as u32,
-        writable: false,
-    };
-    n += 1;
-    if out > 0 {
-        b[n] = Buf {
-            addr: data,
-            len: out,
-            writable: false,
-        };
-        n += 1;
-    }
-    b[n] = Buf {
-        addr: hdr + RESP_OFF,
-        len: wire::SCSI_RESP_LEN as u32,
-        writable: true,
-    };
-    n += 1;
-    if inn > 0 {
-        b[n] = Buf {
-            addr: data + u64::from(out),
-            len: inn,
-            writable: true,
-        };
-        n += 1;
+    for (addr, len, writable) in parts {
+        if len > 0 {
+            b[n] = Buf {
+                addr,
+                len,
+                writable,
+            };
+            n += 1;
+        }
     }
     (b, n)
 }
 
+/// The virtio-scsi chain: request header, data-out, response, data-in.
+fn scsi_chain(hdr: u64, data: u64, out: u32, inn: u32) -> ([Buf; 4], usize) {
+    chain_of([
+        (hdr, wire::SCSI_REQ_LEN as u32, false),
+        (data, out, false),
+        (hdr + RESP_OFF, wire::SCSI_RESP_LEN as u32, true),
+        (data + u64::from(out), inn, true),
+    ])
+}
+
 /// The virtio-blk chain: header, data-out, data-in, status.
 fn blk_chain(hdr: u64, data: u64, out: u32, inn: u32) -> ([Buf; 4], usize) {
-    let mut b = [Buf {
-        addr: 0,
-        len: 0,
-        writable: false,
-    }; 4];
-    let mut n = 0;
-    b[n] = Buf {
-        addr: hdr,
-        len: wire::BLK_HDR_LEN as u32,
-        writable: false,
-    };
-    n += 1;
-    if out > 0 {
-        b[n] = Buf {
-            addr: data,
-            len: out,
-            writable: false,
-        };
-        n += 1;
-    }
-    if inn > 0 {
-        b[n] = Buf {
-            addr: data + u64::from(out),
-            len: inn,
-            writable: true,
-        };
-        n += 1;
-    }
-    b[n] = Buf {
-        addr: hdr + RESP_OFF,
-        len: 1,
-        writable: true,
-    };
-    n += 1;
-    (b, n)
+    chain_of([
+        (hdr, wire::BLK_HDR_LEN as u32, false),
+        (data, out, false),
+        (data + u64::from(out), inn, true),
+        (hdr + RESP_OFF, 1, true),
+    ])
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ use agent::model::{CreateVm, PathPolicy, ScsiPassthrough, ScsiResult, VmView};
 use base64::Engine;
 use datapath::{ChapSettings, Secret};
 use peer_harness::agent::{HostAgent, ReferenceHba};
-use peer_harness::hex;
 use peer_harness::target::MIB;
+use peer_harness::{hex, pattern};
 use peer_harness::{RunningTarget, TargetConfig, TargetKind, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_viscsi");
@@ -196,18 +196,6 @@ fn path_of(v: &VmView) -> String {
         },
         None => "none".into(),
     }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn two_hosts_same_lun(kind: TargetKind) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use peer_harness::guest::{boot_guest, DiskBus, GuestDisk, GuestImage};
 use peer_harness::target::MIB;
-use peer_harness::{md5_of_file_range, run_tool, tools, RunningTarget, TargetConfig, TargetKind};
+use peer_harness::{qemu_img_md5, tools, RunningTarget, TargetConfig, TargetKind};
 
 const PATTERN_MIB: u64 = 16;
 const OFFSET_MIB: u64 = 1;
@@ -77,27 +77,7 @@ fn guest_writes_and_reads_pattern_on_virtio_scsi_and_virtio_blk() {
         );
 
         let range = target.dir().join(&format!("{name}.range"));
-        let dd = run_tool(
-            "qemu-img",
-            &[
-                "dd",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                "bs=1M",
-                &format!("skip={OFFSET_MIB}"),
-                // qemu-img dd counts the skipped blocks in `count`.
-                &format!("count={}", OFFSET_MIB + PATTERN_MIB),
-                &format!("if={}", target.url(index)),
-                &format!("of={}", range.display()),
-            ],
-            Duration::from_secs(60),
-        );
-        dd.assert_success();
-        let len = std::fs::metadata(&range).expect("dd output").len();
-        assert_eq!(len, PATTERN_MIB * MIB, "qemu-img dd output size");
-        let host = md5_of_file_range(&range, 0, PATTERN_MIB * MIB);
+        let host = qemu_img_md5(&target.url(index), OFFSET_MIB, PATTERN_MIB, &range);
         assert_eq!(
             host, written,
             "{name}: host reads other data than the guest wrote"

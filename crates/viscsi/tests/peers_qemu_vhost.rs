@@ -17,7 +17,7 @@ use std::time::Duration;
 use peer_harness::agent::{HostAgent, ReferenceHba};
 use peer_harness::guest::{spawn_guest, Attachment, GuestImage, GuestRun, RunningGuest};
 use peer_harness::target::MIB;
-use peer_harness::{md5_of_file_range, run_tool, RunningTarget, TargetConfig, TargetKind, TempDir};
+use peer_harness::{qemu_img_md5, RunningTarget, TargetConfig, TargetKind, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_viscsi");
 const LUN_BYTES: u64 = 64 * MIB;
@@ -120,24 +120,7 @@ impl Setup {
     /// MD5 of `mib` MiB at `offset_mib` of the LUN, read by libiscsi (qemu-img dd).
     fn host_md5(&self, offset_mib: u64, mib: u64) -> String {
         let range = self.dir.join(&format!("range-{offset_mib}"));
-        let dd = run_tool(
-            "qemu-img",
-            &[
-                "dd",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                "bs=1M",
-                &format!("skip={offset_mib}"),
-                &format!("count={}", offset_mib + mib),
-                &format!("if={}", self.target.url(0)),
-                &format!("of={}", range.display()),
-            ],
-            Duration::from_secs(60),
-        );
-        dd.assert_success();
-        md5_of_file_range(&range, 0, mib * MIB)
+        qemu_img_md5(&self.target.url(0), offset_mib, mib, &range)
     }
 }
 

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use peer_harness::agent::{HostAgent, ReferenceHba};
+use peer_harness::pattern;
 use peer_harness::target::MIB;
 use peer_harness::{RunningTarget, TargetConfig, TargetKind, TempDir};
 use vhost_driver::{DeviceKind, Driver, DriverOptions, RawDescriptor, ScsiReply};
@@ -144,18 +145,6 @@ fn write10(lba: u32, blocks: u16) -> [u8; 10] {
     let mut c = read10(lba, blocks);
     c[0] = 0x2a;
     c
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// The LUN identity a guest reads: standard INQUIRY, VPD 0x80 and 0x83, READ CAPACITY(16).
