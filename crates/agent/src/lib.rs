@@ -11,6 +11,7 @@
 
 pub mod inventory;
 pub mod metrics;
+pub mod migration;
 pub mod store;
 
 pub mod api;
