@@ -10,6 +10,9 @@
 //! | `GET /v1/vms/{name}` | one VM with its path, reason, metrics, history |
 //! | `DELETE /v1/vms/{name}` | log out and forget a VM |
 //! | `POST /v1/vms/{name}/scsi` | one SCSI command through the VM's path ([`ScsiPassthrough`]) |
+//! | `POST /v1/vms/{name}/migrate` | start moving the VM to another agent ([`MigrateRequest`]); 202 |
+//! | `GET /v1/migrations` | the last migration of each VM from this host |
+//! | `GET /v1/migrations/{name}` | one VM's last migration: phase, paths, switchover time |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Errors are `{"error": "one line"}` with 400 (bad request), 404 (unknown), 405, 409
@@ -30,7 +33,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::host::{Agent, AgentError};
-use crate::model::{CreateVm, ErrorBody, ScsiPassthrough, ScsiResult};
+use crate::model::{CreateVm, ErrorBody, MigrateRequest, ScsiPassthrough, ScsiResult};
 
 /// Largest request body (a SCSI passthrough carries at most 1 MiB of data, base64).
 const MAX_BODY: usize = 2 << 20;
@@ -189,8 +192,27 @@ async fn handle(agent: &Agent, req: Request<Incoming>, control: bool) -> Reply {
                 Ok(p) => scsi(agent, &name, p).await,
             }
         }
+        (&Method::POST, ["v1", "vms", name, "migrate"]) => {
+            let name = name.to_string();
+            match body_json::<MigrateRequest>(req).await {
+                Err(r) => r,
+                Ok(m) => match agent.migrate(&name, m).await {
+                    Ok(view) => json(StatusCode::ACCEPTED, &view),
+                    Err(e) => agent_error(e),
+                },
+            }
+        }
+        (&Method::GET, ["v1", "migrations"]) => json(StatusCode::OK, &agent.migrations()),
+        (&Method::GET, ["v1", "migrations", name]) => match agent.migration(name) {
+            Some(m) => json(StatusCode::OK, &m),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("no migration of VM {name} from this host"),
+            ),
+        },
         (_, ["metrics"] | ["v1", "host"] | ["v1", "adapters"] | ["v1", "vms"])
-        | (_, ["v1", "vms", _] | ["v1", "vms", _, "scsi"]) => error(
+        | (_, ["v1", "migrations"] | ["v1", "migrations", _])
+        | (_, ["v1", "vms", _] | ["v1", "vms", _, "scsi" | "migrate"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
         ),

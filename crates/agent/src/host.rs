@@ -28,6 +28,20 @@ pub struct HostOptions {
     pub sysfs_root: PathBuf,
     /// Reference offload adapters to drive.
     pub adapters: Vec<AdapterConfig>,
+    /// Live migration to and from other agents (none: this agent neither sends nor takes
+    /// VMs).
+    pub migration: Option<MigrationOptions>,
+}
+
+/// How an agent takes part in migrations.
+#[derive(Clone, Debug)]
+pub struct MigrationOptions {
+    /// The cluster's shared key: only agents holding it talk to each other.
+    pub key: crate::migration::channel::ClusterKey,
+    /// Where to listen for incoming migrations (`host:port`; none: send only).
+    pub listen: Option<String>,
+    /// Other agents by name: `name` → `host:port`.
+    pub peers: BTreeMap<String, String>,
 }
 
 /// Why the agent refused a request. The HTTP status follows the kind.
@@ -67,7 +81,12 @@ pub(crate) struct Shared {
     configured: Vec<AdapterConfig>,
     started: Instant,
     /// Serializes creates and deletes (name and InitiatorName uniqueness).
-    admin: tokio::sync::Mutex<()>,
+    pub(crate) admin: tokio::sync::Mutex<()>,
+    pub(crate) migration: Option<MigrationOptions>,
+    /// The address incoming migrations are accepted on.
+    migration_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
+    /// The last migration of each VM from this host.
+    pub(crate) migrations: std::sync::Mutex<BTreeMap<String, crate::model::MigrationView>>,
 }
 
 impl Shared {
@@ -78,6 +97,40 @@ impl Shared {
     pub(crate) fn vm(&self, name: &str) -> Option<Arc<Vm>> {
         read(&self.vms).get(name).cloned()
     }
+
+    pub(crate) fn vm_table(&self) -> &RwLock<BTreeMap<String, Arc<Vm>>> {
+        &self.vms
+    }
+
+    /// Where a VM's bus socket goes unless its record says otherwise.
+    pub(crate) fn default_socket(&self, vm: &str) -> PathBuf {
+        self.state_dir.join("vhost").join(format!("{vm}.sock"))
+    }
+
+    pub(crate) fn adapter_known(&self, name: &str) -> bool {
+        self.configured.iter().any(|c| c.name == name)
+            || self.offload_adapters().iter().any(|e| e.name == name)
+    }
+
+    /// The VM (other than `except`) whose bus uses `socket`, if any.
+    pub(crate) fn socket_user(&self, socket: &std::path::Path) -> Option<String> {
+        read(&self.vms)
+            .values()
+            .find(|vm| vm.record().frontend.and_then(|f| f.socket).as_deref() == Some(socket))
+            .map(|vm| vm.name().to_owned())
+    }
+
+    /// The VM using `initiator_name`, if any.
+    pub(crate) fn initiator_user(&self, initiator_name: &str) -> Option<String> {
+        read(&self.vms)
+            .values()
+            .find(|vm| vm.record().client.initiator_name == initiator_name)
+            .map(|vm| vm.name().to_owned())
+    }
+}
+
+fn record_moved(vm: &Vm) -> bool {
+    vm.record().moved_to.is_some()
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -120,6 +173,9 @@ impl Agent {
             configured: options.adapters,
             started: Instant::now(),
             admin: tokio::sync::Mutex::new(()),
+            migration: options.migration.clone(),
+            migration_addr: Default::default(),
+            migrations: Default::default(),
         });
         let agent = Agent { shared };
         for config in agent.shared.configured.clone() {
@@ -139,6 +195,14 @@ impl Agent {
         }
         agent.spawn_adapter_reconnects();
         agent.restore_vms()?;
+        if let Some(listen) = options.migration.as_ref().and_then(|m| m.listen.clone()) {
+            let addr = crate::migration::destination::listen(&agent, &listen).await?;
+            *agent
+                .shared
+                .migration_addr
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(addr);
+        }
         Ok(agent)
     }
 
@@ -270,6 +334,10 @@ impl Agent {
                 format!("taken back by host {}", self.shared.name),
             );
             write(&self.shared.vms).insert(name.clone(), vm.clone());
+            if record_moved(&vm) {
+                // Its session is another host's now; only `vm delete` is left to do.
+                continue;
+            }
             if let Err(e) = vm.start_bus() {
                 tracing::error!(vm = %name, error = %e, "virtual bus not served");
                 vm.event("error", e);
@@ -293,20 +361,14 @@ impl Agent {
         if self.shared.vm(&request.name).is_some() {
             return Err(AgentError::Conflict(format!("VM {} exists", request.name)));
         }
-        if let Some(other) = read(&self.shared.vms)
-            .values()
-            .find(|vm| vm.record().client.initiator_name == client.initiator_name)
-        {
+        if let Some(other) = self.shared.initiator_user(&client.initiator_name) {
             return Err(AgentError::Conflict(format!(
-                "InitiatorName {} is already used by VM {}",
+                "InitiatorName {} is already used by VM {other}",
                 client.initiator_name,
-                other.name()
             )));
         }
         if let Some(a) = &request.adapter {
-            let known = self.shared.configured.iter().any(|c| &c.name == a)
-                || self.shared.offload_adapters().iter().any(|e| &e.name == a);
-            if !known {
+            if !self.shared.adapter_known(a) {
                 return Err(AgentError::BadRequest(format!("no adapter named {a}")));
             }
         }
@@ -314,19 +376,14 @@ impl Agent {
             Some(f) => {
                 f.validate().map_err(AgentError::BadRequest)?;
                 let mut f = f.clone();
-                let socket = f.socket.clone().unwrap_or_else(|| {
-                    self.shared
-                        .state_dir
-                        .join("vhost")
-                        .join(format!("{}.sock", request.name))
-                });
-                if let Some(other) = read(&self.shared.vms).values().find(|vm| {
-                    vm.record().frontend.and_then(|f| f.socket).as_ref() == Some(&socket)
-                }) {
+                let socket = f
+                    .socket
+                    .clone()
+                    .unwrap_or_else(|| self.shared.default_socket(&request.name));
+                if let Some(other) = self.shared.socket_user(&socket) {
                     return Err(AgentError::Conflict(format!(
-                        "socket {} is already used by VM {}",
+                        "socket {} is already used by VM {other}",
                         socket.display(),
-                        other.name()
                     )));
                 }
                 f.socket = Some(socket);
@@ -374,6 +431,19 @@ impl Agent {
 
     pub fn vm(&self, name: &str) -> Option<Arc<Vm>> {
         self.shared.vm(name)
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The address incoming migrations are accepted on, if this agent takes them.
+    pub fn migration_addr(&self) -> Option<std::net::SocketAddr> {
+        *self
+            .shared
+            .migration_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn vms(&self) -> Vec<Arc<Vm>> {

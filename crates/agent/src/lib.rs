@@ -21,5 +21,5 @@ pub mod model;
 mod select;
 mod vm;
 
-pub use host::{Agent, AgentError, HostOptions};
+pub use host::{Agent, AgentError, HostOptions, MigrationOptions};
 pub use vm::Vm;

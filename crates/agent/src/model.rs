@@ -187,6 +187,10 @@ pub struct VmRecord {
     /// The virtual bus, with its socket resolved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frontend: Option<Frontend>,
+    /// Set when the VM's session was handed to another host: this host must not log in
+    /// with the VM's identity again (it would take the session from that host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
 }
 
 impl VmRecord {
@@ -207,6 +211,7 @@ impl VmRecord {
             created_ms: now_ms(),
             history: Vec::new(),
             frontend: None,
+            moved_to: None,
         }
     }
 
@@ -264,6 +269,84 @@ pub enum VmState {
     Running,
     /// No data path; the agent keeps trying.
     Waiting,
+    /// Arriving by migration: the path is prepared, the session is still on the source
+    /// host; commands from the VM's bus wait for the switchover.
+    Incoming,
+    /// Migrated away: the session is on another host, and commands still arriving here
+    /// (from a VMM not moved yet) are forwarded to it.
+    Moved,
+}
+
+/// `POST /v1/vms/{name}/migrate`: move the VM's storage session to another host's agent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination: a peer name from the agent's `--peer` list, or `host:port` of the
+    /// other agent's migration listener.
+    pub to: String,
+    /// The path policy on the destination (default: the VM's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathPolicy>,
+    /// Only this offload adapter on the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// The vhost-user socket on the destination (default: the destination's
+    /// `<state dir>/vhost/<VM>.sock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<std::path::PathBuf>,
+}
+
+/// Where a migration is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Opening the encrypted channel to the destination agent.
+    Connecting,
+    /// The destination checks the VM and prepares its data path (trial login).
+    Preparing,
+    /// Commands are held, the source drains and hands the session over.
+    Switching,
+    /// The session is on the destination; commands still arriving here are forwarded.
+    Forwarding,
+    /// Done: the VM is the destination's.
+    Completed,
+    /// Given up before the switchover: the VM runs on the source.
+    Abandoned,
+}
+
+impl MigrationPhase {
+    /// Whether the migration is over.
+    pub fn finished(self) -> bool {
+        matches!(self, MigrationPhase::Completed | MigrationPhase::Abandoned)
+    }
+}
+
+/// `GET /v1/migrations/{name}`: the last migration of a VM from this host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationView {
+    pub vm: String,
+    /// The destination as asked for, and the host name it gave.
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_host: Option<String>,
+    pub phase: MigrationPhase,
+    /// What happens now, or why the migration was abandoned.
+    pub detail: String,
+    pub started_ms: u64,
+    /// The path the VM had here, and the one prepared on the destination.
+    #[serde(default)]
+    pub from_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_path: Option<String>,
+    /// Commands held here during the switchover (last one drained to destination path
+    /// up), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover_ms: Option<f64>,
+    /// Commands forwarded to the destination after the switchover.
+    #[serde(default)]
+    pub forwarded: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `GET /v1/vms/{name}`.

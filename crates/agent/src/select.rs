@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use datapath::{AdapterHealth, AdapterKind, DataPath, PathError, SessionState};
+use datapath::{
+    Adapter, AdapterHealth, AdapterKind, BoxFuture, DataPath, PathError, PathInfo, SessionState,
+};
 
 use crate::host::Shared;
 use crate::model::{PathPolicy, VmRecord};
@@ -16,6 +18,16 @@ pub(crate) struct Chosen {
     pub reason: String,
 }
 
+/// A path proven usable on this host but not opened yet (a migration's destination).
+pub(crate) struct Prepared {
+    pub adapter: Arc<dyn Adapter>,
+    pub name: String,
+    pub kind: AdapterKind,
+    pub reason: String,
+    /// What the trial login used.
+    pub trial: PathInfo,
+}
+
 /// Opens a path for `record` as its policy says. Credentials the target refuses end the
 /// search at once (another path would be refused too).
 pub(crate) async fn open_path(
@@ -23,6 +35,50 @@ pub(crate) async fn open_path(
     record: &VmRecord,
     state: Option<&SessionState>,
 ) -> Result<Chosen, PathError> {
+    let client = record.client.clone();
+    let state = state.cloned();
+    let (path, name, kind, _, reason) = choose(shared, record, move |adapter| {
+        let client = client.clone();
+        let state = state.clone();
+        Box::pin(async move { adapter.open(&client, state.as_ref()).await })
+    })
+    .await?;
+    Ok(Chosen {
+        path,
+        adapter: name,
+        kind,
+        reason,
+    })
+}
+
+/// Chooses a path for `record` as [`open_path`] would and proves it with a trial login
+/// ([`Adapter::probe`]), leaving the VM's own session alone.
+pub(crate) async fn prepare_path(
+    shared: &Shared,
+    record: &VmRecord,
+) -> Result<Prepared, PathError> {
+    let client = record.client.clone();
+    let (trial, name, kind, adapter, reason) = choose(shared, record, move |adapter| {
+        let client = client.clone();
+        Box::pin(async move { adapter.probe(&client).await })
+    })
+    .await?;
+    Ok(Prepared {
+        adapter,
+        name,
+        kind,
+        reason,
+        trial,
+    })
+}
+
+/// Tries the adapters the policy allows, offload first, with `attempt`; returns its result,
+/// the adapter's name, kind and handle, and why it was chosen.
+async fn choose<T>(
+    shared: &Shared,
+    record: &VmRecord,
+    attempt: impl Fn(Arc<dyn Adapter>) -> BoxFuture<'static, Result<T, PathError>> + Send + Sync,
+) -> Result<(T, String, AdapterKind, Arc<dyn Adapter>, String), PathError> {
     let client = &record.client;
     let mut notes: Vec<String> = Vec::new();
     if record.policy != PathPolicy::Software {
@@ -60,21 +116,22 @@ pub(crate) async fn open_path(
                 ));
                 continue;
             };
-            match entry.adapter.open(client, state).await {
-                Ok(path) => {
+            match attempt(entry.adapter.clone()).await {
+                Ok(done) => {
                     let free = info
                         .vfs_total
                         .map(|t| format!("{} of {t} VFs free", t - info.vfs_in_use))
                         .unwrap_or_else(|| "free VF".into());
-                    return Ok(Chosen {
-                        path,
-                        adapter: entry.name.clone(),
-                        kind: AdapterKind::Offload,
-                        reason: format!(
+                    return Ok((
+                        done,
+                        entry.name.clone(),
+                        AdapterKind::Offload,
+                        entry.adapter.clone(),
+                        format!(
                             "offload adapter {} has a free VF ({free}) and reaches {portal}",
                             entry.name
                         ),
-                    });
+                    ));
                 }
                 Err(e @ PathError::Auth { .. }) | Err(e @ PathError::Client(_)) => return Err(e),
                 Err(e) => notes.push(format!("{}: {e}", entry.name)),
@@ -87,15 +144,16 @@ pub(crate) async fn open_path(
             )));
         }
     }
-    let path = shared.software.open(client, state).await?;
+    let done = attempt(shared.software.clone()).await?;
     let reason = match record.policy {
         PathPolicy::Software => "policy is software".to_owned(),
         _ => format!("software path: {}", notes.join("; ")),
     };
-    Ok(Chosen {
-        path,
-        adapter: datapath::software::SOFTWARE_ADAPTER.into(),
-        kind: AdapterKind::Software,
+    Ok((
+        done,
+        datapath::software::SOFTWARE_ADAPTER.into(),
+        AdapterKind::Software,
+        shared.software.clone(),
         reason,
-    })
+    ))
 }

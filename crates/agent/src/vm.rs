@@ -4,10 +4,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use datapath::{AdapterKind, BoxFuture, Command, Completion, DataPath, PathError, SessionState};
+use datapath::{
+    AdapterKind, BoxFuture, Command, Completion, DataPath, Gate, PathError, SessionState,
+};
 
 use crate::host::Shared;
 use crate::metrics::{Op, VmMetrics};
+use crate::migration::link::Link;
 use crate::model::{Frontend, FrontendKind, FrontendView, VmEvent, VmRecord, VmState, VmView};
 
 /// The path a VM runs on now.
@@ -40,6 +43,11 @@ pub struct Vm {
     luns: Arc<[u64]>,
     /// The virtual bus being served, or why it is not.
     bus: Mutex<BusState>,
+    /// Every command passes it; a migration closes it to hold new commands and drain the
+    /// admitted ones, an incoming VM keeps it closed until its switchover.
+    gate: Gate,
+    /// Set once the VM has migrated away: commands go to the host that has the session.
+    forward: RwLock<Option<Arc<Link>>>,
 }
 
 #[derive(Default)]
@@ -95,7 +103,26 @@ fn op_of(cdb: &[u8]) -> Op {
 
 impl Vm {
     pub(crate) fn new(shared: &Arc<Shared>, record: VmRecord) -> Arc<Vm> {
-        Arc::new(Vm {
+        let moved = record.moved_to.clone();
+        let vm = Vm::build(shared, record);
+        if let Some(host) = moved {
+            *lock(&vm.status) = (VmState::Moved, format!("migrated to host {host}"));
+        }
+        Arc::new(vm)
+    }
+
+    /// A VM arriving by migration: commands wait until [`Vm::switched_in`].
+    pub(crate) fn new_incoming(shared: &Arc<Shared>, record: VmRecord, from: &str) -> Arc<Vm> {
+        let vm = Vm::build(shared, record);
+        *lock(&vm.status) = (VmState::Incoming, format!("arriving from host {from}"));
+        vm.gate.close();
+        Arc::new(vm)
+    }
+
+    fn build(shared: &Arc<Shared>, record: VmRecord) -> Vm {
+        Vm {
+            gate: Gate::new(),
+            forward: RwLock::new(None),
             name: record.name.clone(),
             luns: record.client.luns.as_slice().into(),
             bus: Mutex::new(BusState::default()),
@@ -108,7 +135,7 @@ impl Vm {
             reissued: AtomicU64::new(0),
             switch: tokio::sync::Mutex::new(()),
             stopped: Default::default(),
-        })
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -147,22 +174,11 @@ impl Vm {
         let op = op_of(&command.cdb);
         let out_len = command.data_out.len() as u64;
         let mut reissued = false;
-        let result = loop {
-            let Some(cur) = self.current() else {
-                break Err(PathError::Unreachable(format!(
-                    "VM {} has no data path: {}",
-                    self.name,
-                    lock(&self.status).1
-                )));
-            };
-            match cur.path.submit(command.clone()).await {
-                Err(e) if e.is_path_failure() && !reissued => {
-                    self.failover(cur.generation, &e.to_string()).await;
-                    reissued = true;
-                    self.reissued.fetch_add(1, Ordering::Relaxed);
-                }
-                other => break other,
-            }
+        let _ticket = self.gate.enter().await;
+        let result = if let Some(link) = self.forward() {
+            link.submit(command).await
+        } else {
+            self.submit_here(command, &mut reissued).await
         };
         let bytes = match (&result, op) {
             (Ok(c), Op::Read) => c.data.len() as u64,
@@ -174,16 +190,123 @@ impl Vm {
         result
     }
 
+    /// [`Vm::submit`] on this host's path, with failover and one re-issue.
+    async fn submit_here(
+        &self,
+        command: Command,
+        reissued: &mut bool,
+    ) -> Result<Completion, PathError> {
+        loop {
+            let Some(cur) = self.current() else {
+                return Err(PathError::Unreachable(format!(
+                    "VM {} has no data path: {}",
+                    self.name,
+                    lock(&self.status).1
+                )));
+            };
+            match cur.path.submit(command.clone()).await {
+                Err(e) if e.is_path_failure() && !*reissued => {
+                    self.failover(cur.generation, &e.to_string()).await;
+                    *reissued = true;
+                    self.reissued.fetch_add(1, Ordering::Relaxed);
+                }
+                other => break other,
+            }
+        }
+    }
+
     /// Task management on LUN number `lun` through the current path.
     pub async fn task_management(
         &self,
         function: datapath::TmfFunction,
         lun: u64,
     ) -> Result<(), PathError> {
+        if let Some(link) = self.forward() {
+            return link.task_management(function, lun).await;
+        }
         match self.current() {
             Some(cur) => cur.path.task_management(function, lun).await,
             None => Err(PathError::Unreachable("no data path".into())),
         }
+    }
+
+    pub(crate) fn forward(&self) -> Option<Arc<Link>> {
+        self.forward
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// The lock that serializes path changes.
+    pub(crate) fn switch_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.switch
+    }
+
+    pub(crate) fn set_status(&self, state: VmState, reason: String) {
+        *lock(&self.status) = (state, reason);
+    }
+
+    /// Takes the current path away (the migration hands its session over).
+    pub(crate) fn take_path(&self) -> Option<Current> {
+        self.current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The session is now on another host: commands go there through `link`.
+    pub(crate) fn moved_out(&self, link: Arc<Link>, host: &str) {
+        *self.forward.write().unwrap_or_else(|p| p.into_inner()) = Some(link);
+        *lock(&self.status) = (VmState::Moved, format!("migrated to host {host}"));
+    }
+
+    /// Installs the path a migration brought up here and lets held commands go.
+    pub(crate) fn switched_in(
+        &self,
+        path: Arc<dyn DataPath>,
+        adapter: String,
+        kind: AdapterKind,
+        reason: String,
+    ) {
+        self.install(path, adapter, kind, reason);
+        self.gate.resume();
+    }
+
+    /// Installs a path opened by the caller (a migration taking its session back).
+    pub(crate) fn install_path(
+        &self,
+        path: Arc<dyn DataPath>,
+        adapter: String,
+        kind: AdapterKind,
+        reason: String,
+    ) {
+        self.install(path, adapter, kind, reason);
+    }
+
+    /// Changes the record and persists it.
+    pub(crate) fn update_record(&self, change: impl FnOnce(&mut VmRecord)) {
+        let record = {
+            let mut r = lock(&self.record);
+            change(&mut r);
+            r.clone()
+        };
+        if let Some(shared) = self.shared.upgrade() {
+            if let Err(e) = shared.store.put(&self.name, &record) {
+                tracing::warn!(vm = %self.name, error = %e, "cannot persist VM record");
+            }
+        }
+    }
+
+    /// Whether a VMM is connected to the VM's bus now.
+    pub(crate) fn bus_connected(&self) -> bool {
+        lock(&self.bus)
+            .server
+            .as_ref()
+            .is_some_and(|s| s.vmm_connected())
     }
 
     /// Installs a freshly opened path.
@@ -403,6 +526,8 @@ impl Vm {
     /// is stopping.
     pub(crate) async fn shutdown(&self) {
         self.stopped.store(true, Ordering::Relaxed);
+        // Commands held at the gate (an incoming VM) go on, find no path and fail.
+        self.gate.resume();
         self.stop_bus().await;
         let _switch = self.switch.lock().await;
         let cur = self

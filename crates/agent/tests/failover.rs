@@ -219,6 +219,7 @@ fn options(dir: &TempDir) -> HostOptions {
         state_dir: dir.join("state"),
         sysfs_root: dir.join("no-sysfs"),
         adapters: Vec::new(),
+        migration: None,
     }
 }
 

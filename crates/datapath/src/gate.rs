@@ -79,6 +79,15 @@ impl Gate {
         }
     }
 
+    /// Closes the gate without waiting: commands arriving from now on wait.
+    pub fn close(&self) {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closed = true;
+    }
+
     /// Opens the gate again; waiting commands proceed.
     pub fn resume(&self) {
         self.inner

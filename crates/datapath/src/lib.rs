@@ -25,7 +25,7 @@ pub use client::{
 pub use gate::{Gate, Ticket};
 pub use initiator::{DataIn, Residual, ScsiRequest as Command, TaskAttr};
 pub use iscsi_wire::{Isid, Status, TmfFunction};
-pub use path::Adapter;
+pub use path::{probe_isid, Adapter};
 pub use path::{
     AdapterHealth, AdapterInfo, AdapterKind, BoxFuture, Completion, DataPath, Health, PathError,
     PathInfo, PathStats, SessionState,

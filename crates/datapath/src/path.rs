@@ -222,4 +222,29 @@ pub trait Adapter: Send + Sync {
         client: &'a InitiatorClient,
         state: Option<&'a SessionState>,
     ) -> BoxFuture<'a, Result<Arc<dyn DataPath>, PathError>>;
+
+    /// Proves, without touching the VM's own session, that [`Adapter::open`] would succeed
+    /// here: the client's secrets resolve, a portal is reached and the target accepts the
+    /// login. The trial logs in with [`probe_isid`] (a separate I_T nexus, so the VM's
+    /// session, its tasks and reservations are untouched) and logs out at once. Returns what
+    /// the trial path was.
+    fn probe<'a>(
+        &'a self,
+        client: &'a InitiatorClient,
+    ) -> BoxFuture<'a, Result<PathInfo, PathError>> {
+        Box::pin(async move {
+            let mut trial = client.clone();
+            trial.isid = format!("{:012x}", probe_isid(client.isid_value()?));
+            let path = self.open(&trial, None).await?;
+            let info = path.info();
+            let _ = path.close().await;
+            Ok(info)
+        })
+    }
+}
+
+/// The ISID a [`Adapter::probe`] logs in with: the VM's ISID with the top bit of its
+/// qualifier flipped, so it never equals the VM's own and stays of the same ISID type.
+pub fn probe_isid(isid: u64) -> u64 {
+    (isid ^ 0x8000) & 0xffff_ffff_ffff
 }

@@ -820,6 +820,29 @@ impl Driver {
         self.push(vq, slot, SlotKind::Scsi, id, &bufs.0[..bufs.1])
     }
 
+    /// Like [`Driver::submit_scsi`], with the caller's buffer at guest address `addr` (from
+    /// [`Driver::alloc`]): `data_out_len` bytes of data-out from its start, then `read_len`
+    /// bytes of data-in after them. Fill it before a write, read it after a read completed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_scsi_buf(
+        &mut self,
+        queue: u16,
+        id: u64,
+        lun: u16,
+        cdb: &[u8],
+        addr: u64,
+        data_out_len: u32,
+        read_len: u32,
+    ) -> Result<(), DriverError> {
+        self.need_kind(DeviceKind::Scsi)?;
+        let vq = self.request_queue(queue)?;
+        let slot = self.take_slot(vq, 0)?;
+        let hdr = self.queues[vq].slot_hdr(slot);
+        self.mem.write(hdr, &wire::scsi_cmd_req(lun, id, cdb));
+        let bufs = scsi_chain(hdr, addr, data_out_len, read_len);
+        self.push(vq, slot, SlotKind::Scsi, id, &bufs.0[..bufs.1])
+    }
+
     /// Submits a virtio-blk request on request queue `queue` without waiting: `len` bytes of
     /// the slot's preallocated buffer, device-readable for writes (T_OUT, DISCARD,
     /// WRITE_ZEROES), device-writable otherwise. Fails if the queue is full.

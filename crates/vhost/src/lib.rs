@@ -293,6 +293,14 @@ impl VhostServer {
         &self.config
     }
 
+    /// Whether a VMM is connected now.
+    pub fn vmm_connected(&self) -> bool {
+        self.connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Closes the VMM's connection, stops listening and removes the socket.
     pub fn stop(&mut self) {
         self.stopping.store(true, Ordering::Release);

@@ -3,6 +3,7 @@
 
 mod agent_cli;
 mod cli;
+mod demo;
 mod hba;
 
 use std::net::SocketAddr;
@@ -48,6 +49,10 @@ enum Command {
     Host(agent_cli::HostArgs),
     #[command(flatten)]
     Agent(agent_cli::AgentCommand),
+    /// Everything in one process: a target, host A with an offload adapter, host B with
+    /// software only, a VM writing through its virtual bus; migrates it A→B→A under load,
+    /// fails its adapter, and verifies every block.
+    Demo(demo::DemoArgs),
 }
 
 /// The target's flags. They add to (and for portals and limits, override) a --config file.
@@ -183,6 +188,8 @@ fn main() -> ExitCode {
         Command::Hba(_) => hba::HbaCommand::DEFAULT_LOG,
         Command::Host(_) => "info",
         Command::Agent(_) => "warn",
+        // The demo reports what happens itself, the injected adapter fault included.
+        Command::Demo(_) => "off",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| {
@@ -206,6 +213,7 @@ fn main() -> ExitCode {
         Command::Hba(command) => hba::run(command),
         Command::Host(args) => agent_cli::host::run(args),
         Command::Agent(command) => agent_cli::run(command),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -36,6 +36,13 @@ pub struct HostConfig {
     pub sysfs_root: Option<PathBuf>,
     #[serde(default)]
     pub adapters: Vec<AdapterConfig>,
+    /// File holding the cluster key shared by the agents a VM may migrate between.
+    pub cluster_key: Option<PathBuf>,
+    /// `host:port` to accept migrations on (needs `cluster_key`).
+    pub migration_listen: Option<String>,
+    /// Other agents by name, `name = "host:port"`, for `viscsi migrate VM --to NAME`.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, String>,
 }
 
 impl HostConfig {
@@ -73,6 +80,21 @@ impl HostConfig {
             listen.parse::<SocketAddr>().map_err(|_| {
                 format!("metrics_listen: {listen:?} is not an address:port such as 127.0.0.1:9410")
             })?;
+        }
+        if self.migration_listen.is_some() && self.cluster_key.is_none() {
+            return Err("migration_listen: needs cluster_key (the agents' shared key file)".into());
+        }
+        if let Some(listen) = &self.migration_listen {
+            if !listen.contains(':') {
+                return Err(format!("migration_listen: {listen:?} is not host:port"));
+            }
+        }
+        for (name, addr) in &self.peers {
+            if name.is_empty() || name.contains([':', '=']) || !addr.contains(':') {
+                return Err(format!(
+                    "peers: {name:?} = {addr:?} must be a name (without ':' or '=') and host:port"
+                ));
+            }
         }
         let mut seen = HashSet::new();
         for (i, adapter) in self.adapters.iter().enumerate() {

@@ -31,6 +31,21 @@ pub struct HostArgs {
     /// A reference offload adapter to drive: NAME=SOCKET, repeatable.
     #[arg(long = "adapter", value_parser = adapter_flag)]
     adapters: Vec<AdapterConfig>,
+    /// The cluster key file shared by the agents VMs migrate between (`viscsi cluster-key`
+    /// writes one).
+    #[arg(long)]
+    cluster_key: Option<PathBuf>,
+    /// Accept migrations from other agents on ADDR (host:port); needs --cluster-key.
+    #[arg(long)]
+    migration_listen: Option<String>,
+    /// Another agent to migrate VMs to: NAME=HOST:PORT, repeatable.
+    #[arg(long = "peer", value_parser = peer_flag)]
+    peers: Vec<(String, String)>,
+}
+
+fn peer_flag(s: &str) -> Result<(String, String), String> {
+    let (name, addr) = s.split_once('=').ok_or("expected NAME=HOST:PORT")?;
+    Ok((name.into(), addr.into()))
 }
 
 fn adapter_flag(s: &str) -> Result<AdapterConfig, String> {
@@ -63,6 +78,13 @@ fn host_config(a: HostArgs) -> Result<HostConfig, String> {
         c.sysfs_root = a.sysfs_root;
     }
     c.adapters.extend(a.adapters);
+    if a.cluster_key.is_some() {
+        c.cluster_key = a.cluster_key;
+    }
+    if a.migration_listen.is_some() {
+        c.migration_listen = a.migration_listen;
+    }
+    c.peers.extend(a.peers);
     c.validate()?;
     Ok(c)
 }
@@ -98,9 +120,20 @@ async fn serve(config: HostConfig) -> Result<(), String> {
             .unwrap_or_else(super::default_state_dir),
         sysfs_root: config.sysfs_root.clone().unwrap_or_else(|| "/sys".into()),
         adapters: config.adapters.clone(),
+        migration: match &config.cluster_key {
+            Some(path) => Some(agent::MigrationOptions {
+                key: agent::migration::channel::ClusterKey::from_file(path)?,
+                listen: config.migration_listen.clone(),
+                peers: config.peers.clone(),
+            }),
+            None => None,
+        },
     };
     let agent = Agent::start(options).await?;
     tracing::info!(host = %agent.name(), socket = %socket.display(), "host agent serving");
+    if let Some(addr) = agent.migration_addr() {
+        tracing::info!(%addr, "accepting migrations");
+    }
     let control = tokio::spawn(agent::api::serve_control(agent.clone(), listener));
     if let Some(listener) = metrics {
         if let Ok(addr) = listener.local_addr() {

@@ -8,6 +8,7 @@
 
 mod adapters;
 pub mod host;
+mod migrate;
 mod show;
 mod vm;
 
@@ -25,6 +26,13 @@ pub enum AgentCommand {
     Vm(vm::VmCommand),
     /// Show the adapters a host agent found, what each can do and which VMs use it.
     Adapters(adapters::AdaptersArgs),
+    /// Move a VM's storage session to another host's agent (live, with its in-flight and
+    /// held commands): `viscsi migrate VM --to HOST`.
+    Migrate(migrate::MigrateArgs),
+    /// Show the last migration of each VM from a host agent.
+    Migrations(migrate::MigrationsArgs),
+    /// Write a new cluster key file (mode 0600) for the agents VMs migrate between.
+    ClusterKey(migrate::ClusterKeyArgs),
 }
 
 /// Which agent to talk to.
@@ -84,6 +92,9 @@ pub fn run(command: AgentCommand) -> Result<(), String> {
         match command {
             AgentCommand::Vm(c) => vm::run(c).await,
             AgentCommand::Adapters(a) => adapters::run(a).await,
+            AgentCommand::Migrate(a) => migrate::run(a).await,
+            AgentCommand::Migrations(a) => migrate::list(a).await,
+            AgentCommand::ClusterKey(a) => migrate::write_key(a),
         }
     })
 }

@@ -28,10 +28,20 @@ pub enum VmCommand {
 }
 
 #[derive(Copy, Clone, ValueEnum)]
-enum PathArg {
+pub(super) enum PathArg {
     Auto,
     Software,
     Offload,
+}
+
+impl PathArg {
+    pub(super) fn policy(self) -> PathPolicy {
+        match self {
+            PathArg::Auto => PathPolicy::Auto,
+            PathArg::Software => PathPolicy::Software,
+            PathArg::Offload => PathPolicy::Offload,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -186,11 +196,7 @@ fn create_request(a: &CreateArgs) -> Result<CreateVm, String> {
     let mut req = CreateVm {
         frontend,
         name: a.name.clone(),
-        path: match a.path {
-            PathArg::Auto => PathPolicy::Auto,
-            PathArg::Software => PathPolicy::Software,
-            PathArg::Offload => PathPolicy::Offload,
-        },
+        path: a.path.policy(),
         adapter: a.adapter.clone(),
         ..CreateVm::default()
     };
