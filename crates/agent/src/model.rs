@@ -294,6 +294,10 @@ pub struct MigrateRequest {
     /// `<state dir>/vhost/<VM>.sock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost_socket: Option<std::path::PathBuf>,
+    /// Switch over when this host's VMM stops the VM's rings (the end of the VMM's own live
+    /// migration) instead of at once: then nothing needs forwarding.
+    #[serde(default)]
+    pub with_vmm: bool,
 }
 
 /// Where a migration is.
@@ -304,6 +308,8 @@ pub enum MigrationPhase {
     Connecting,
     /// The destination checks the VM and prepares its data path (trial login).
     Preparing,
+    /// Prepared; waiting for the VMM to stop the VM's rings here (`with_vmm`).
+    AwaitingVmm,
     /// Commands are held, the source drains and hands the session over.
     Switching,
     /// The session is on the destination; commands still arriving here are forwarded.
@@ -338,6 +344,9 @@ pub struct MigrationView {
     pub from_path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_path: Option<String>,
+    /// The VM's vhost-user socket on the destination (where its VMM attaches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_socket: Option<std::path::PathBuf>,
     /// Commands held here during the switchover (last one drained to destination path
     /// up), in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -301,6 +301,11 @@ impl Vm {
         }
     }
 
+    /// Vring stops the VM's bus has answered (None: no bus).
+    pub(crate) fn bus_ring_stops(&self) -> Option<u64> {
+        lock(&self.bus).server.as_ref().map(|s| s.ring_stops())
+    }
+
     /// Whether a VMM is connected to the VM's bus now.
     pub(crate) fn bus_connected(&self) -> bool {
         lock(&self.bus)

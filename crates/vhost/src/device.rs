@@ -870,7 +870,12 @@ impl VhostUserBackend for SharedDevice {
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        self.0.drain(queue_index as usize)
+        let drained = self.0.drain(queue_index as usize);
+        self.0
+            .bus
+            .ring_stops
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        drained
     }
 
     fn handle_event(

@@ -96,6 +96,9 @@ impl BusConfig {
 /// State of one VM's bus that outlives VMM connections.
 pub(crate) struct Bus {
     config: BusConfig,
+    /// Vring stops (GET_VRING_BASE) answered since the bus started: a VMM stopping the
+    /// device (the end of a live migration, a reset).
+    ring_stops: Arc<std::sync::atomic::AtomicU64>,
     storage: Arc<dyn Storage>,
     runtime: tokio::runtime::Handle,
     blk: tokio::sync::Mutex<Option<BlkIdentity>>,
@@ -179,6 +182,7 @@ impl Bus {
 /// [`stop`]: VhostServer::stop
 pub struct VhostServer {
     config: BusConfig,
+    ring_stops: Arc<std::sync::atomic::AtomicU64>,
     stopping: Arc<AtomicBool>,
     connection: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
@@ -207,7 +211,9 @@ pub fn serve(
         io::Error::other(format!("cannot listen on {}: {e}", config.socket.display()))
     })?;
     set_mode(&config.socket, 0o660)?;
+    let ring_stops = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let bus = Arc::new(Bus {
+        ring_stops: Arc::clone(&ring_stops),
         config: config.clone(),
         storage,
         runtime,
@@ -225,6 +231,7 @@ pub fn serve(
     tracing::info!(vm = %config.name, socket = %config.socket.display(), frontend = config.kind.name(), "vhost-user socket ready");
     Ok(VhostServer {
         config,
+        ring_stops,
         stopping,
         connection,
         thread: Some(thread),
@@ -291,6 +298,11 @@ fn accept_loop(
 impl VhostServer {
     pub fn config(&self) -> &BusConfig {
         &self.config
+    }
+
+    /// Vring stops answered so far (each after the ring's requests completed).
+    pub fn ring_stops(&self) -> u64 {
+        self.ring_stops.load(Ordering::Acquire)
     }
 
     /// Whether a VMM is connected now.

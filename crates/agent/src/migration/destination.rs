@@ -117,6 +117,7 @@ async fn serve(shared: Arc<Shared>, channel: Channel) {
                         Reply::Prepared {
                             host: shared.name.clone(),
                             path: described,
+                            socket: vm.record().frontend.and_then(|f| f.socket),
                         },
                         &[],
                     );

@@ -51,7 +51,12 @@ pub enum Request {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
     /// The destination is ready for the switchover; `path` says which path it will use.
-    Prepared { host: String, path: String },
+    Prepared {
+        host: String,
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        socket: Option<std::path::PathBuf>,
+    },
     /// The destination logged in: the VM is its now.
     Switched { path: String, login_ms: f64 },
     /// Done (abandon, task management).

@@ -31,6 +31,8 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the destination may take to log in at the switchover.
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a `with_vmm` migration waits for the VMM's own migration.
+const VMM_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Agent {
     /// Starts migrating VM `name`; the returned view is the first step. The migration goes
@@ -99,6 +101,7 @@ impl Agent {
                 started_ms: now_ms(),
                 from_path: describe(&vm),
                 to_path: None,
+                to_socket: None,
                 switchover_ms: None,
                 forwarded: 0,
                 error: None,
@@ -198,15 +201,14 @@ impl Run {
             adapter: request.adapter.clone(),
             vhost_socket: request.vhost_socket.clone(),
         };
-        let to_path = match link.call(&offer, &[], PREPARE_TIMEOUT).await? {
-            (Reply::Prepared { path, .. }, _) => path,
+        let (to_path, to_socket) = match link.call(&offer, &[], PREPARE_TIMEOUT).await? {
+            (Reply::Prepared { path, socket, .. }, _) => (path, socket),
             (Reply::Failed { message, .. }, _) => return Err(format!("host {to_host}: {message}")),
             (other, _) => return Err(format!("host {to_host} answered {other:?}")),
         };
         self.update(|m| {
             m.to_path = Some(to_path.clone());
-            m.phase = MigrationPhase::Switching;
-            m.detail = format!("switching over to {to_path} on host {to_host}");
+            m.to_socket = to_socket.clone();
         });
         let abandon = |why: String| {
             let link = link.clone();
@@ -223,6 +225,25 @@ impl Run {
                 why
             }
         };
+        if request.with_vmm {
+            let socket = to_socket
+                .as_ref()
+                .map(|s| format!(" at {}", s.display()))
+                .unwrap_or_default();
+            self.update(|m| {
+                m.phase = MigrationPhase::AwaitingVmm;
+                m.detail = format!(
+                    "prepared on host {to_host} ({to_path}); switching when the VMM stops the VM's rings here (migrate the VMM to host {to_host}'s socket{socket})"
+                );
+            });
+            if let Err(why) = self.await_vmm_stop().await {
+                return Err(abandon(why).await);
+            }
+        }
+        self.update(|m| {
+            m.phase = MigrationPhase::Switching;
+            m.detail = format!("switching over to {to_path} on host {to_host}");
+        });
 
         // 1. Hold new commands, drain the admitted ones.
         let held = Instant::now();
@@ -322,6 +343,27 @@ impl Run {
             m.detail = format!("the VM runs on host {to_host}");
         });
         Ok(())
+    }
+
+    /// Waits until the VMM stops one of the VM's rings here, or leaves the bus.
+    async fn await_vmm_stop(&self) -> Result<(), String> {
+        let Some(stops) = self.vm.bus_ring_stops() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + VMM_TIMEOUT;
+        loop {
+            let now = self.vm.bus_ring_stops().unwrap_or(u64::MAX);
+            if now > stops || !self.vm.bus_connected() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the VMM did not stop the VM's rings within {} s",
+                    VMM_TIMEOUT.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Opens the VM's path here again after a failed switchover.

@@ -29,6 +29,10 @@ pub struct MigrateArgs {
     /// The vhost-user socket on the destination [default: <its state dir>/vhost/NAME.sock].
     #[arg(long = "vhost-socket", value_name = "PATH")]
     vhost_socket: Option<PathBuf>,
+    /// Prepare now, switch over when this host's VMM stops the VM's rings (at the end of
+    /// QEMU's live migration to the destination's socket); nothing is forwarded then.
+    #[arg(long)]
+    with_vmm: bool,
     /// Start the migration and return at once.
     #[arg(long)]
     no_wait: bool,
@@ -77,6 +81,7 @@ fn percent(phase: MigrationPhase) -> usize {
     match phase {
         MigrationPhase::Connecting => 5,
         MigrationPhase::Preparing => 30,
+        MigrationPhase::AwaitingVmm => 50,
         MigrationPhase::Switching => 70,
         MigrationPhase::Forwarding | MigrationPhase::Completed | MigrationPhase::Abandoned => 100,
     }
@@ -86,6 +91,7 @@ fn phase_name(phase: MigrationPhase) -> &'static str {
     match phase {
         MigrationPhase::Connecting => "connecting",
         MigrationPhase::Preparing => "preparing",
+        MigrationPhase::AwaitingVmm => "awaiting-vmm",
         MigrationPhase::Switching => "switching",
         MigrationPhase::Forwarding => "switched",
         MigrationPhase::Completed => "completed",
@@ -115,6 +121,7 @@ pub async fn run(a: MigrateArgs) -> Result<(), String> {
         path: a.path.map(PathArg::policy),
         adapter: a.adapter.clone(),
         vhost_socket: a.vhost_socket.clone(),
+        with_vmm: a.with_vmm,
     };
     let started = Instant::now();
     let mut view: MigrationView = client
