@@ -19,6 +19,7 @@ pub mod client;
 mod host;
 pub mod model;
 mod select;
+mod settle;
 mod vm;
 
 pub use host::{Agent, AgentError, HostOptions, MigrationOptions};

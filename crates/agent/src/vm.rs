@@ -48,6 +48,10 @@ pub struct Vm {
     gate: Gate,
     /// Set once the VM has migrated away: commands go to the host that has the session.
     forward: RwLock<Option<Arc<Link>>>,
+    /// Unit attentions found while settling a new session, owed to the guest: (encoded
+    /// LUN, sense). `owed` says whether there are any, so that commands need not lock.
+    owed_sense: Mutex<Vec<(u64, bytes::Bytes)>>,
+    owed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -123,6 +127,8 @@ impl Vm {
         Vm {
             gate: Gate::new(),
             forward: RwLock::new(None),
+            owed_sense: Mutex::new(Vec::new()),
+            owed: Default::default(),
             name: record.name.clone(),
             luns: record.client.luns.as_slice().into(),
             bus: Mutex::new(BusState::default()),
@@ -196,6 +202,11 @@ impl Vm {
         command: Command,
         reissued: &mut bool,
     ) -> Result<Completion, PathError> {
+        if self.owed.load(Ordering::Acquire) {
+            if let Some(owed) = self.owed_unit_attention(&command) {
+                return Ok(owed);
+            }
+        }
         loop {
             let Some(cur) = self.current() else {
                 return Err(PathError::Unreachable(format!(
@@ -228,6 +239,38 @@ impl Vm {
             Some(cur) => cur.path.task_management(function, lun).await,
             None => Err(PathError::Unreachable("no data path".into())),
         }
+    }
+
+    /// Keeps unit attentions for the guest (see [`crate::settle`]).
+    pub(crate) fn owe_sense(&self, kept: Vec<(u64, bytes::Bytes)>) {
+        if kept.is_empty() {
+            return;
+        }
+        lock(&self.owed_sense).extend(kept);
+        self.owed.store(true, Ordering::Release);
+    }
+
+    /// A kept unit attention for this command's LUN, as the target would have answered it
+    /// (INQUIRY, REPORT LUNS and REQUEST SENSE are not affected by unit attentions).
+    fn owed_unit_attention(&self, command: &Command) -> Option<Completion> {
+        if matches!(command.cdb.first(), Some(0x12 | 0xa0 | 0x03)) {
+            return None;
+        }
+        let mut owed = lock(&self.owed_sense);
+        let at = owed.iter().position(|(lun, _)| *lun == command.lun)?;
+        let (_, sense) = owed.remove(at);
+        if owed.is_empty() {
+            self.owed.store(false, Ordering::Release);
+        }
+        Some(Completion {
+            status: datapath::Status(2),
+            sense,
+            data: datapath::DataIn::default(),
+            residual: match command.read_len {
+                0 => datapath::Residual::None,
+                n => datapath::Residual::Underflow(n),
+            },
+        })
     }
 
     pub(crate) fn forward(&self) -> Option<Arc<Link>> {
@@ -430,6 +473,8 @@ impl Vm {
         let software = shared.software.clone();
         match software.open(&record.client, Some(&state)).await {
             Ok(path) => {
+                let settled = crate::settle::settle(path.as_ref(), &record.client).await;
+                self.owe_sense(settled.kept);
                 self.metrics.failover();
                 let took = t0.elapsed();
                 tracing::warn!(vm = %self.name, %from, %reason, took_ms = took.as_millis() as u64, "failed over to the software path");

@@ -114,6 +114,9 @@ pub struct HostAgent {
     log: PathBuf,
     restarts: u32,
     daemon: Option<Daemon>,
+    env: Vec<(String, String)>,
+    /// Network namespace to run in (`ip netns exec`).
+    netns: Option<String>,
 }
 
 impl HostAgent {
@@ -125,6 +128,20 @@ impl HostAgent {
         name: &str,
         adapters: &[(&str, &Path)],
         extra: &[&str],
+    ) -> HostAgent {
+        HostAgent::start_with(binary, dir, name, adapters, extra, &[], None)
+    }
+
+    /// [`HostAgent::start`] with environment variables, optionally inside a network
+    /// namespace.
+    pub fn start_with(
+        binary: &Path,
+        dir: &TempDir,
+        name: &str,
+        adapters: &[(&str, &Path)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+        netns: Option<&crate::netns::NetNs>,
     ) -> HostAgent {
         let mut args: Vec<String> = Vec::new();
         for (adapter, socket) in adapters {
@@ -141,19 +158,32 @@ impl HostAgent {
             log: dir.join(&format!("{name}.log")),
             restarts: 0,
             daemon: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            netns: netns.map(|n| n.name().to_owned()),
         };
         host.spawn();
         host
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new(crate::tools::require_tool("ip"));
+                cmd.args(["netns", "exec", ns]).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
         cmd.args(["host", "--name", &self.name, "--socket"])
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state)
             .args(&self.args)
-            .env("RUST_LOG", "info,agent=debug,hba=debug");
+            .env("RUST_LOG", "info,agent=debug,hba=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let log = if self.restarts == 0 {
             self.log.clone()
         } else {
@@ -170,6 +200,13 @@ impl HostAgent {
 
     pub fn state_dir(&self) -> &Path {
         &self.state
+    }
+
+    /// SIGKILL, and no restart.
+    pub fn kill(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill();
+        }
     }
 
     /// SIGKILL, then start again with the same state.

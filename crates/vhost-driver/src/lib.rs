@@ -33,6 +33,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 mod memory;
 mod ring;
+pub mod stamped;
 pub mod wire;
 
 use memory::{Bump, SharedMemory};

@@ -141,6 +141,18 @@ async fn serve(shared: Arc<Shared>, channel: Channel) {
                 match path.adapter.open(&record.client, Some(&state)).await {
                     Ok(opened) => {
                         let login_ms = t0.elapsed().as_secs_f64() * 1e3;
+                        let settled = crate::settle::settle(opened.as_ref(), &record.client).await;
+                        vm.owe_sense(settled.kept);
+                        let mut notes = String::new();
+                        if settled.absorbed > 0 {
+                            notes.push_str(&format!(
+                                "; {} reconnect unit attention(s) taken",
+                                settled.absorbed
+                            ));
+                        }
+                        if let Some(r) = &settled.reservation {
+                            notes.push_str(&format!("; {r}"));
+                        }
                         let described = describe_prepared(path);
                         vm.switched_in(
                             opened,
@@ -151,7 +163,7 @@ async fn serve(shared: Arc<Shared>, channel: Channel) {
                         vm.event(
                             "migration",
                             format!(
-                                "arrived from host {from} on {described}: logged in with the same ISID in {login_ms:.1} ms"
+                                "arrived from host {from} on {described}: logged in with the same ISID in {login_ms:.1} ms{notes}"
                             ),
                         );
                         reply(

@@ -373,6 +373,8 @@ impl Run {
         for _ in 0..3 {
             match crate::select::open_path(&self.shared, &record, Some(state)).await {
                 Ok(chosen) => {
+                    let settled = crate::settle::settle(chosen.path.as_ref(), &record.client).await;
+                    self.vm.owe_sense(settled.kept);
                     self.vm.install_path(
                         chosen.path,
                         chosen.adapter,

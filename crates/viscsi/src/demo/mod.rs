@@ -10,8 +10,6 @@
 //! software→offload, software→software, offload→offload) and prints the blackout
 //! percentiles: host B then has an adapter too.
 
-mod workload;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,7 +22,7 @@ use agent::{Agent, HostOptions, MigrationOptions};
 use clap::Args;
 use target::{LunConfig, Target, TargetConfig, TargetDef};
 
-use workload::Workload;
+use vhost_driver::stamped::{self as workload, Workload};
 
 const VM: &str = "demo-vm";
 const TARGET_IQN: &str = "iqn.2024-01.org.viscsi:demo";
@@ -189,7 +187,7 @@ impl World {
         };
         self.a.create_vm(request).await.map_err(|e| e.to_string())?;
         let socket = self.socket(&self.a)?;
-        tokio::task::spawn_blocking(move || Workload::start(&socket, LUN_MIB << 20))
+        tokio::task::spawn_blocking(move || Workload::start(&socket, 0, LUN_MIB << 20))
             .await
             .map_err(|e| e.to_string())?
     }

@@ -1,8 +1,10 @@
-//! The demo VM's workload: a VMM stand-in on a vhost-user-scsi socket that writes 4 KiB
-//! blocks at queue depth 8, each stamped with its sequence number, remembers the last stamp
-//! acknowledged per block, and at the end reads every block back to check it.
+//! A VM workload that proves nothing was lost, duplicated or reordered: a VMM stand-in on a
+//! vhost-user-scsi socket that writes 4 KiB blocks to one LUN at queue depth 8, each stamped
+//! with its sequence number, remembers the last stamp acknowledged per block, and at the end
+//! reads every block back to check it. It can move to another socket the way a VMM does at
+//! the end of a live migration.
 //!
-//! It also measures what the VM sees of a switchover: the longest pause between two
+//! It also measures what the VM sees of a storage switchover: the longest pause between two
 //! completions while a window is armed.
 
 use std::collections::HashMap;
@@ -11,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost_driver::{DeviceKind, Driver, DriverOptions};
+use crate::{DeviceKind, Driver, DriverOptions};
 
 const BLOCK: u32 = 4096;
 const DEPTH: usize = 8;
@@ -80,8 +82,8 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Connects to `socket` and starts writing to LUN 0 (`capacity` bytes).
-    pub fn start(socket: &Path, capacity: u64) -> Result<Workload, String> {
+    /// Connects to `socket` and starts writing to `lun` (`capacity` bytes).
+    pub fn start(socket: &Path, lun: u16, capacity: u64) -> Result<Workload, String> {
         let driver = connect(socket)?;
         let gaps = Arc::new(Mutex::new(Gaps::default()));
         let (orders, inbox) = mpsc::channel();
@@ -90,7 +92,7 @@ impl Workload {
             let gaps = gaps.clone();
             std::thread::Builder::new()
                 .name("demo-workload".into())
-                .spawn(move || run(driver, blocks, &inbox, &gaps))
+                .spawn(move || run(driver, lun, blocks, &inbox, &gaps))
                 .map_err(|e| format!("cannot start the workload: {e}"))?
         };
         Ok(Workload {
@@ -98,6 +100,34 @@ impl Workload {
             gaps,
             thread,
         })
+    }
+
+    /// Moves the workload to `socket` (see [`Order::MoveTo`]); returns how long the VMM's
+    /// own pause took.
+    pub fn move_to(&self, socket: &Path) -> Result<Duration, String> {
+        let (tx, rx) = mpsc::channel();
+        self.orders
+            .send(Order::MoveTo(socket.to_owned(), tx))
+            .map_err(|_| "the workload stopped".to_string())?;
+        rx.recv_timeout(Duration::from_secs(60))
+            .map_err(|_| "the workload did not move".to_string())?
+    }
+
+    /// Arms the pause measurement.
+    pub fn arm(&self) {
+        if let Ok(mut g) = self.gaps.lock() {
+            g.arm();
+        }
+    }
+
+    /// The longest pause between completions since [`Workload::arm`].
+    pub fn disarm(&self) -> Duration {
+        self.gaps.lock().map(|mut g| g.disarm()).unwrap_or_default()
+    }
+
+    /// Writes completed so far.
+    pub fn completions(&self) -> u64 {
+        self.gaps.lock().map(|g| g.completions()).unwrap_or(0)
     }
 
     pub fn stop(self) -> Result<Report, String> {
@@ -173,12 +203,13 @@ impl Attached {
 
 fn run(
     driver: Driver,
+    lun: u16,
     blocks: u32,
     inbox: &mpsc::Receiver<Order>,
     gaps: &Mutex<Gaps>,
 ) -> Result<Report, String> {
     let mut bus = Attached::new(driver);
-    let sectors_per_block = sector_ratio(&mut bus.driver)?;
+    let sectors_per_block = sector_ratio(&mut bus.driver, lun)?;
     let mut acknowledged: HashMap<u32, u64> = HashMap::new();
     let mut seq: u64 = 0;
     let mut errors = 0u64;
@@ -221,7 +252,7 @@ fn run(
             bus.driver.write_guest(addr, &stamp(seq, block));
             let cdb = rw10(0x2a, block * sectors_per_block, sectors_per_block as u16);
             bus.driver
-                .submit_scsi_buf(0, seq, 0, &cdb, addr, BLOCK, 0)
+                .submit_scsi_buf(0, seq, lun, &cdb, addr, BLOCK, 0)
                 .map_err(|e| format!("submit: {e}"))?;
             bus.in_flight.insert(seq, (buffer, block));
         }
@@ -235,7 +266,7 @@ fn run(
         let cdb = rw10(0x28, block * sectors_per_block, sectors_per_block as u16);
         let reply = bus
             .driver
-            .scsi_command(0, &cdb, &[], BLOCK)
+            .scsi_command(lun, &cdb, &[], BLOCK)
             .map_err(|e| format!("read back block {block}: {e}"))?;
         checked += 1;
         if reply.response != 0 || reply.status != 0 {
@@ -263,12 +294,12 @@ fn run(
 }
 
 /// 512-byte sectors (or whatever the LUN has) per 4 KiB block, from READ CAPACITY(10).
-fn sector_ratio(driver: &mut Driver) -> Result<u32, String> {
+fn sector_ratio(driver: &mut Driver, lun: u16) -> Result<u32, String> {
     let cdb = [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     // The first command of a new nexus may be answered with UNIT ATTENTION.
     for _ in 0..4 {
         let reply = driver
-            .scsi_command(0, &cdb, &[], 8)
+            .scsi_command(lun, &cdb, &[], 8)
             .map_err(|e| format!("READ CAPACITY: {e}"))?;
         if reply.response == 0 && reply.status == 0 && reply.data.len() == 8 {
             let size =
