@@ -389,6 +389,10 @@ pub struct GuestOptions {
     /// A QMP monitor on this unix socket (server, no wait), for [`RunningGuest::qmp`] and
     /// [`RunningGuest::hmp`]. Default none.
     pub qmp_socket: Option<PathBuf>,
+    /// `-incoming URI` (e.g. `tcp:127.0.0.1:PORT` or `defer`): QEMU waits for the state of a
+    /// live migration instead of booting; the other options must match the source's. Default
+    /// none.
+    pub incoming: Option<String>,
 }
 
 impl Default for GuestOptions {
@@ -398,6 +402,7 @@ impl Default for GuestOptions {
             cpus: 1,
             reconnect_ms: Some(1000),
             qmp_socket: None,
+            incoming: None,
         }
     }
 }
@@ -516,6 +521,9 @@ fn qemu_command(
     if let Some(qmp) = &options.qmp_socket {
         cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    }
+    if let Some(uri) = &options.incoming {
+        cmd.arg("-incoming").arg(uri);
     }
     if disks.iter().any(Attachment::is_vhost_user) {
         // A vhost-user back end maps guest RAM, so it must be a shareable file.

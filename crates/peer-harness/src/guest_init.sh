@@ -6,8 +6,20 @@
 #                        write viscsi.mib MiB of fresh random data at offset viscsi.offset_mib MiB
 #                        with O_DIRECT, read the range back with O_DIRECT, print both MD5s;
 #                        power off after the last round
+#   viscsi.mode=stamp    on the first disk (of viscsi.disks, or of all): print DISK, then write
+#                        4 KiB blocks with O_DIRECT (and fsync), one after the other, until told
+#                        to stop: write number n (from 1) goes to block n mod viscsi.blocks of the
+#                        region at viscsi.offset_mib MiB and holds "SEQ n BLK b" and a newline,
+#                        padded with NULs to 4 KiB. Every viscsi.every writes: a STAMP marker and a
+#                        look (O_DIRECT) at the control block, the 4 KiB just before the region;
+#                        once it starts with "STOP" (or after viscsi.seconds), print STAMPED with
+#                        the last number written and power off. Block b then holds the largest
+#                        n <= last with n mod blocks = b. A failed write ends the run (ERROR).
 #   viscsi.mib=N         MiB per disk and round (default 16)
-#   viscsi.offset_mib=N  where on the disk (default 1)
+#   viscsi.offset_mib=N  where on the disk (default 1; at least 1 in stamp mode)
+#   viscsi.blocks=N      stamp mode: the region's size in 4 KiB blocks (default 64)
+#   viscsi.every=N       stamp mode: writes between two STAMP markers (default 16)
+#   viscsi.seconds=S     stamp mode: stop after S seconds even without STOP (default 600)
 #   viscsi.rounds=N      rounds (default 1), each with new random data
 #   viscsi.pause=S       seconds to sleep between rounds, after a PAUSE marker (default 0)
 #   viscsi.disks=a,b     only these disks, e.g. sda,vdb (default all); waits up to 10 s for them
@@ -18,7 +30,10 @@
 #   WRITE name= round= md5= offset_mib= mib= from= to=
 #   READ name= round= md5= from= to=
 #   PAUSE round= uptime= seconds=      (after round K, before round K+1)
+#   STAMP name= n= uptime=              (stamp mode: n writes done)
+#   STAMPED name= last= blocks= first_block= stop=host|time uptime=
 #   ERROR name= round= write=|read=|missing=|insmod=
+#   ERROR name= seq= write=             (stamp mode: write number seq failed)
 #   DONE uptime=
 /bin/busybox --install -s /bin
 mkdir -p /proc /sys /dev /tmp
@@ -38,8 +53,11 @@ offset=$(arg viscsi.offset_mib); offset=${offset:-1}
 rounds=$(arg viscsi.rounds); rounds=${rounds:-1}
 pause=$(arg viscsi.pause); pause=${pause:-0}
 only=$(arg viscsi.disks | tr ',' ' ')
+blocks=$(arg viscsi.blocks); blocks=${blocks:-64}
+every=$(arg viscsi.every); every=${every:-16}
+seconds=$(arg viscsi.seconds); seconds=${seconds:-600}
 say START mode=$mode uptime=$(up)
-if [ "$mode" = pattern ]; then
+if [ "$mode" = pattern ] || [ "$mode" = stamp ]; then
     for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
              virtio_blk scsi_common scsi_mod sd_mod virtio_scsi; do
         [ -f /lib/modules/$m.ko ] || continue
@@ -72,6 +90,8 @@ if [ "$mode" = pattern ]; then
             *) say DISK name=$n sectors=$(cat $d/size) serial=$(attr $d/serial) ;;
         esac
     done
+fi
+if [ "$mode" = pattern ]; then
     round=1
     while [ $round -le $rounds ]; do
         for n in $disks; do
@@ -98,6 +118,34 @@ if [ "$mode" = pattern ]; then
         fi
         round=$((round + 1))
     done
+fi
+if [ "$mode" = stamp ]; then
+    set -- $disks
+    n=$1
+    first=$((offset * 256))
+    ctl=$((first - 1))
+    t0=$(up); t0=${t0%.*}
+    seq=0
+    stop=time
+    while :; do
+        next=$((seq + 1))
+        b=$((next % blocks))
+        if ! printf 'SEQ %d BLK %d\n' $next $b |
+            dd of=/dev/$n bs=4096 count=1 seek=$((first + b)) oflag=direct conv=sync,notrunc,fsync \
+                2>/tmp/dd.err; then
+            say ERROR name=$n seq=$next write=$(oneword /tmp/dd.err)
+            break
+        fi
+        seq=$next
+        if [ $((seq % every)) -eq 0 ]; then
+            now=$(up)
+            say STAMP name=$n n=$seq uptime=$now
+            word=$(dd if=/dev/$n bs=4096 count=1 skip=$ctl iflag=direct 2>/tmp/dd.err | head -c 4)
+            [ "$word" = STOP ] && { stop=host; break; }
+            [ $((${now%.*} - t0)) -ge "$seconds" ] && break
+        fi
+    done
+    say STAMPED name=$n last=$seq blocks=$blocks first_block=$first stop=$stop uptime=$(up)
 fi
 say DONE uptime=$(up)
 poweroff -f
