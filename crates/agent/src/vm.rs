@@ -315,8 +315,10 @@ impl Vm {
         kind: AdapterKind,
         reason: String,
     ) {
-        self.install(path, adapter, kind, reason);
+        // The store is written after the held commands go (a write there costs an fsync).
+        self.install_with(path, adapter, kind, reason, false);
         self.gate.resume();
+        self.persist();
     }
 
     /// Installs a path opened by the caller (a migration taking its session back).
@@ -359,6 +361,19 @@ impl Vm {
 
     /// Installs a freshly opened path.
     fn install(&self, path: Arc<dyn DataPath>, adapter: String, kind: AdapterKind, reason: String) {
+        self.install_with(path, adapter, kind, reason, true);
+    }
+
+    /// [`Vm::install`]; without `persist` the event is only noted in memory (the caller
+    /// persists later, off the critical path).
+    fn install_with(
+        &self,
+        path: Arc<dyn DataPath>,
+        adapter: String,
+        kind: AdapterKind,
+        reason: String,
+        persist: bool,
+    ) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let info = path.info();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Current {
@@ -373,16 +388,26 @@ impl Vm {
         };
         *lock(&self.status) = (VmState::Running, reason.clone());
         tracing::info!(vm = %self.name, path = %described, %reason, "data path up");
-        self.event("path", format!("{described}: {reason}"));
+        self.note("path", format!("{described}: {reason}"));
+        if persist {
+            self.persist();
+        }
     }
 
     /// Records an event and persists the record.
     pub(crate) fn event(&self, kind: &str, message: String) {
-        let record = {
-            let mut r = lock(&self.record);
-            r.push_event(VmEvent::new(kind, message));
-            r.clone()
-        };
+        self.note(kind, message);
+        self.persist();
+    }
+
+    /// Records an event in memory only.
+    pub(crate) fn note(&self, kind: &str, message: String) {
+        lock(&self.record).push_event(VmEvent::new(kind, message));
+    }
+
+    /// Writes the record to the store.
+    pub(crate) fn persist(&self) {
+        let record = lock(&self.record).clone();
         let Some(shared) = self.shared.upgrade() else {
             return;
         };

@@ -266,11 +266,16 @@ impl Run {
             return Err(abandon("the VM lost its data path".into()).await);
         };
         let from = describe_current(&current);
-        // 2. Never log in with this identity again from here, then log out.
-        self.vm
-            .update_record(|r| r.moved_to = Some(to_host.clone()));
+        // 2. Never log in with this identity again from here (persisted), and log out; both
+        //    at once, since each waits for a device or the network.
         let state = current.path.export_state();
+        let persisted = {
+            let vm = self.vm.clone();
+            let host = to_host.clone();
+            tokio::task::spawn_blocking(move || vm.update_record(|r| r.moved_to = Some(host)))
+        };
         let _ = tokio::time::timeout(Duration::from_secs(2), current.path.close()).await;
+        let _ = persisted.await;
 
         // 3. The destination logs in.
         let switched = link
