@@ -33,6 +33,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::host::{Agent, AgentError};
+use crate::migration::protocol::{from_hex as parse_hex, to_hex};
 use crate::model::{CreateVm, ErrorBody, MigrateRequest, ScsiPassthrough, ScsiResult};
 
 /// Largest request body (a SCSI passthrough carries at most 1 MiB of data, base64).
@@ -220,20 +221,6 @@ async fn handle(agent: &Agent, req: Request<Incoming>, control: bool) -> Reply {
     };
     tracing::debug!(%method, %path, status = reply.status().as_u16(), "control request");
     reply
-}
-
-fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 async fn scsi(agent: &Agent, name: &str, p: ScsiPassthrough) -> Reply {

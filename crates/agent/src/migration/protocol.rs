@@ -158,10 +158,12 @@ pub fn attr_of(code: u8) -> TaskAttr {
     }
 }
 
+/// Lower-case hex of `b` (CDBs and sense in messages and the control API).
 pub fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Bytes from hex; None unless every pair is a hex byte.
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
