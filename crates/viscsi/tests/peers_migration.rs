@@ -763,3 +763,46 @@ fn failed_migrations_leave_the_vm_on_the_source() {
 
     finish(load);
 }
+
+/// The destination switches but its answer is lost with the channel: the source asks again
+/// on a new channel, learns the destination has the VM, and forwards to it instead of taking
+/// the session back.
+#[test]
+fn a_lost_switch_answer_leaves_the_vm_with_the_destination() {
+    let dir = TempDir::new("migration-lost");
+    let target = RunningTarget::start(&viscsi(), TargetConfig::new(IQN).mem_lun(LUN_BYTES));
+    let key = new_key(&dir, "cluster.key");
+    let a = host(&dir, "host-a", &[], &key, "127.0.0.1", &[], None);
+    let b = host(
+        &dir,
+        "host-b",
+        &[],
+        &key,
+        "127.0.0.1",
+        &[("VISCSI_MIGRATION_DROP_SWITCHED", "1")],
+        None,
+    );
+    let sock_a = dir.join("vm-on-a.sock");
+    let sock_b = dir.join("vm-on-b.sock");
+    let bus = with_bus(&sock_a);
+    let bus: Vec<&str> = bus.iter().map(String::as_str).collect();
+    create_vm(&a.agent, &target, "vm1", "software", &bus);
+    let load = Workload::start(&sock_a, target.lun_id(0) as u16, LUN_BYTES).expect("workload");
+    std::thread::sleep(Duration::from_millis(300));
+    let socket_arg = sock_b.display().to_string();
+    let view = migrate(&a.agent, "vm1", &b.addr, &["--vhost-socket", &socket_arg])
+        .expect("migration with a lost answer");
+    assert_eq!(view["phase"], "forwarding", "{view}");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = load.completions();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(load.completions() > before + 100, "forwarding stalled");
+    if let Err(e) = load.move_to(&sock_b) {
+        panic!("VMM move: {e}; workload: {:?}", load.stop().err());
+    }
+    wait_phase(&a.agent, "vm1", "completed");
+    let there = json(&b.agent, &["vm", "show", "vm1"]);
+    assert_eq!(there["state"], "running", "{there}");
+    assert_eq!(there["path_stats"]["recoveries"], 0, "contended: {there}");
+    finish(load);
+}

@@ -166,6 +166,12 @@ async fn serve(shared: Arc<Shared>, channel: Channel) {
                                 "arrived from host {from} on {described}: logged in with the same ISID in {login_ms:.1} ms{notes}"
                             ),
                         );
+                        if std::env::var_os("VISCSI_MIGRATION_DROP_SWITCHED").is_some() {
+                            // Fault test: the answer is lost with the channel.
+                            tracing::warn!(vm = %vm.name(), "dropping the switch answer (VISCSI_MIGRATION_DROP_SWITCHED)");
+                            stage = Stage::Owner { vm: vm.clone() };
+                            break;
+                        }
                         reply(
                             Reply::Switched {
                                 path: described,
@@ -189,6 +195,18 @@ async fn serve(shared: Arc<Shared>, channel: Channel) {
                 reply(Reply::Done, &[]);
             }
             (Request::Abandon { .. }, Stage::Idle) => reply(Reply::Done, &[]),
+            (Request::Owns { vm }, Stage::Idle) => {
+                let owned = shared
+                    .vm(&vm)
+                    .filter(|v| v.state() == crate::model::VmState::Running)
+                    .filter(|v| v.current().is_some());
+                let path = owned.as_ref().map(|v| super::source::describe(v));
+                reply(Reply::Owner { path }, &[]);
+                // This channel now carries the source's forwarded commands.
+                if let Some(vm) = owned {
+                    stage = Stage::Owner { vm };
+                }
+            }
             (
                 Request::Command {
                     lun,
@@ -248,6 +266,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::Command { .. } => "command",
         Request::TaskManagement { .. } => "task management",
         Request::Note { .. } => "note",
+        Request::Owns { .. } => "owns",
     }
 }
 

@@ -44,6 +44,9 @@ pub enum Request {
     TaskManagement { function: u8, lun: u64 },
     /// An event for the VM's history (the switchover as the source measured it).
     Note { message: String },
+    /// Does this host run VM `vm` on a path of its own? Asked on a new channel when the
+    /// answer to `Switch` was lost.
+    Owns { vm: String },
 }
 
 /// Destination → source.
@@ -61,6 +64,11 @@ pub enum Reply {
     Switched { path: String, login_ms: f64 },
     /// Done (abandon, task management).
     Done,
+    /// The answer to `Owns`: the VM's path here, if it has one.
+    Owner {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
     /// A forwarded command completed; payload = Data-In.
     Completion {
         status: u8,

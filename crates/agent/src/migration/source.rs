@@ -287,6 +287,24 @@ impl Run {
                 SWITCH_TIMEOUT,
             )
             .await;
+        // An answer lost with the channel: ask the destination on a new one before taking
+        // the session back, so that a destination that did log in keeps it.
+        let (switched, link) = match switched {
+            Err(lost) => match self.ask_owner(addr, key, &to_host).await {
+                Some((path, fresh)) => (
+                    Ok((
+                        Reply::Switched {
+                            path,
+                            login_ms: 0.0,
+                        },
+                        Default::default(),
+                    )),
+                    fresh,
+                ),
+                None => (Err(lost), link),
+            },
+            answered => (answered, link),
+        };
         let (path, login_ms) = match switched {
             Ok((Reply::Switched { path, login_ms }, _)) => (path, login_ms),
             other => {
@@ -348,6 +366,33 @@ impl Run {
             m.detail = format!("the VM runs on host {to_host}");
         });
         Ok(())
+    }
+
+    /// After a lost answer to `Switch`: whether the destination runs the VM now (then the
+    /// new channel to it, for forwarding). Three tries over a new channel.
+    async fn ask_owner(
+        &self,
+        addr: &str,
+        key: &super::channel::ClusterKey,
+        to_host: &str,
+    ) -> Option<(String, Arc<Link>)> {
+        for _ in 0..3 {
+            if let Ok(fresh) = Link::open(addr, key, &self.shared.name).await {
+                let ask = Request::Owns {
+                    vm: self.vm.name().to_owned(),
+                };
+                match fresh.call(&ask, &[], Duration::from_secs(5)).await {
+                    Ok((Reply::Owner { path: Some(path) }, _)) => {
+                        tracing::warn!(vm = %self.vm.name(), to = %to_host, "switch answer lost; the destination has the VM");
+                        return Some((path, fresh));
+                    }
+                    Ok((Reply::Owner { path: None }, _)) => return None,
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
     }
 
     /// Waits until the VMM stops one of the VM's rings here, or leaves the bus.
