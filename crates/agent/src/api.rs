@@ -253,13 +253,7 @@ async fn scsi(agent: &Agent, name: &str, p: ScsiPassthrough) -> Reply {
                 datapath::Residual::Underflow(n) => i64::from(n),
                 datapath::Residual::Overflow(n) => -i64::from(n),
             };
-            let path = vm
-                .current()
-                .map(|cur| match cur.path.info().vf {
-                    Some(vf) => format!("offload {}/vf{vf}", cur.adapter),
-                    None => cur.kind.to_string(),
-                })
-                .unwrap_or_default();
+            let path = vm.current().map(|cur| cur.describe()).unwrap_or_default();
             json(
                 StatusCode::OK,
                 &ScsiResult {

@@ -24,6 +24,16 @@ pub(crate) struct Current {
     pub generation: u64,
 }
 
+impl Current {
+    /// `offload hba0/vf2` or `software`, for operators.
+    pub fn describe(&self) -> String {
+        match self.path.info().vf {
+            Some(vf) => format!("offload {}/vf{vf}", self.adapter),
+            None => self.kind.to_string(),
+        }
+    }
+}
+
 /// One VM owned by the agent.
 pub struct Vm {
     name: String,

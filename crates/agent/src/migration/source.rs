@@ -152,13 +152,9 @@ impl Agent {
 
 /// The data path a VM runs on, for operators.
 pub(crate) fn describe(vm: &Vm) -> String {
-    match vm.current() {
-        Some(cur) => match cur.path.info().vf {
-            Some(vf) => format!("offload {}/vf{vf}", cur.adapter),
-            None => cur.kind.to_string(),
-        },
-        None => "none".into(),
-    }
+    vm.current()
+        .map(|cur| cur.describe())
+        .unwrap_or_else(|| "none".into())
 }
 
 struct Run {
@@ -265,7 +261,7 @@ impl Run {
             gate.resume();
             return Err(abandon("the VM lost its data path".into()).await);
         };
-        let from = describe_current(&current);
+        let from = current.describe();
         // 2. Never log in with this identity again from here (persisted), and log out; both
         //    at once, since each waits for a device or the network.
         let state = current.path.export_state();
@@ -459,12 +455,5 @@ impl Run {
         if let Err(e) = self.shared.store.delete(self.vm.name()) {
             tracing::warn!(vm = %self.vm.name(), error = %e, "cannot remove the migrated VM's record");
         }
-    }
-}
-
-fn describe_current(cur: &crate::vm::Current) -> String {
-    match cur.path.info().vf {
-        Some(vf) => format!("offload {}/vf{vf}", cur.adapter),
-        None => cur.kind.to_string(),
     }
 }
